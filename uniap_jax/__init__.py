@@ -1,0 +1,1 @@
+"""uniap_jax: an automatic parallelism planner for JAX (UniAP on SCIP)."""
