@@ -1,0 +1,341 @@
+"""The Plan: what the planner decided and what it predicts, as plain data.
+
+A Plan is the one object that crosses from planning to running: `apply` reads it and
+nothing else. It round-trips through JSON (with a schema version) so that a plan made
+once can be shipped to every host of a job, and it prints as a readable summary.
+
+PartitionSpecs are kept twice, on purpose: `param_specs` / `batch_specs` mirror the
+step's arguments as pytrees (what a user passes to `jax.jit`), and `leaf_specs` lists
+the same specs flat, as (argument index, leaf path, spec). JSON stores the flat form;
+`from_json` rebuilds the pytrees as nested dicts keyed by path components, and
+`apply` matches leaves by path, so a plan read from disk applies to the same step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jax.sharding import PartitionSpec
+
+SCHEMA_VERSION = 1
+SCHEDULES = ("gpipe", "1f1b")
+COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "send")
+# "heuristic": a baseline plan that no solver proved (uniap_jax.search baselines).
+SOLVER_STATUSES = ("optimal", "time_limit", "heuristic")
+
+LeafSpec = tuple[int, str, PartitionSpec]  # (argument index, "/"-joined leaf path, spec)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Predicted:
+  """What the cost model predicts for one training step of the plan.
+
+  Attributes:
+    step_time_s: time per iteration: stage times + sends + (c - 1) x the slowest.
+    compute_time_s: the slowest stage's compute per micro-batch, forward + backward.
+    communication_time_s: the slowest stage's intra-stage communication per micro-batch.
+    bubble_time_s: the part of step_time_s that is pipeline fill and drain.
+    throughput: samples per second (global batch / step_time_s).
+    memory_per_device_bytes: peak memory of one device, one entry per stage.
+    mfu: model FLOPs utilisation: model FLOPs per step / (step_time_s x devices x peak).
+    collectives: bytes one device moves in one step, per collective kind.
+  """
+
+  step_time_s: float
+  compute_time_s: float
+  communication_time_s: float
+  bubble_time_s: float
+  throughput: float
+  memory_per_device_bytes: tuple[int, ...]
+  mfu: float
+  collectives: Mapping[str, float]
+
+  def __post_init__(self):
+    if not self.step_time_s > 0:
+      raise ValueError(f"step_time_s must be positive, got {self.step_time_s=}")
+    unknown = set(self.collectives) - set(COLLECTIVE_KINDS)
+    if unknown:
+      raise ValueError(
+          f"Unknown collective kinds {sorted(unknown)}; allowed: {COLLECTIVE_KINDS}")
+    object.__setattr__(self, "memory_per_device_bytes",
+                       tuple(int(m) for m in self.memory_per_device_bytes))
+    object.__setattr__(self, "collectives",
+                       {k: float(self.collectives.get(k, 0.0)) for k in COLLECTIVE_KINDS})
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SolverStats:
+  """How the plan was found: SCIP's status, optimality gap and wall time."""
+
+  status: str
+  gap: float
+  time_s: float
+  configurations: int = 1  # outer-loop configurations considered
+  skipped: int = 0  # configurations pruned by their lower bound
+
+  def __post_init__(self):
+    if self.status not in SOLVER_STATUSES:
+      raise ValueError(f"status must be one of {SOLVER_STATUSES}, got {self.status!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LayerPlan:
+  """One layer's placement and strategy, for the summary and for apply.
+
+  Attributes:
+    name: the layer's name in the LayerGraph ("blocks/3").
+    stage: its pipeline stage (0-based).
+    strategy: a readable name of its chosen candidate, e.g. "dp4.tp2(col,row)".
+    kind: the layer's signature, so identical layers group in the summary.
+    time_s: compute + intra-layer communication per micro-batch, forward + backward.
+    memory_bytes: its share of the stage's per-device memory.
+  """
+
+  name: str
+  stage: int
+  strategy: str
+  kind: str = ""
+  time_s: float = 0.0
+  memory_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plan:
+  """Mesh, PartitionSpecs, stages and micro-batches for one train step, with predictions.
+
+  Attributes:
+    mesh_axes: axis name -> size; the product is the cluster's device count. A "pp"
+      axis is present when the plan pipelines.
+    stages: one list of layer names per stage, in order.
+    num_microbatches: micro-batches per step.
+    schedule: "gpipe" or "1f1b".
+    param_specs: one pytree of PartitionSpec per non-batch argument.
+    batch_specs: one pytree of PartitionSpec per batch argument.
+    leaf_specs: the same specs flat: (argument index, leaf path, spec), sorted.
+    activation_specs: boundary value between layers ("src->dst") -> its spec.
+    layers: per layer: stage, strategy, time and memory.
+    predicted: the cost model's predictions.
+    solver: the solver's status, gap and time.
+    cluster: the cluster preset or name the plan was made for.
+    global_batch: samples per step.
+    batch_argnums: which arguments of the step are batch.
+    fingerprint: a hash of the traced program, so a plan applied to another model is
+      caught.
+  """
+
+  mesh_axes: Mapping[str, int]
+  stages: Sequence[Sequence[str]]
+  num_microbatches: int
+  schedule: str
+  param_specs: tuple[Any, ...]
+  batch_specs: tuple[Any, ...]
+  leaf_specs: tuple[LeafSpec, ...]
+  activation_specs: Mapping[str, PartitionSpec]
+  layers: tuple[LayerPlan, ...]
+  predicted: Predicted
+  solver: SolverStats
+  cluster: str
+  global_batch: int
+  batch_argnums: tuple[int, ...]
+  fingerprint: str = ""
+
+  def __post_init__(self):
+    for name, size in self.mesh_axes.items():
+      if not isinstance(size, int) or size < 1:
+        raise ValueError(f"mesh_axes[{name!r}] must be a positive int, got {size!r}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+    if self.num_microbatches < 1:
+      raise ValueError(f"num_microbatches must be >= 1, got {self.num_microbatches}")
+    if not self.stages or any(len(s) == 0 for s in self.stages):
+      raise ValueError(f"every stage needs at least one layer, got {self.stages!r}")
+    pp = self.mesh_axes.get("pp", 1)
+    if pp != len(self.stages):
+      raise ValueError(
+          f"mesh_axes['pp']={pp} but the plan has {len(self.stages)} stages; they must agree")
+    if self.global_batch % self.num_microbatches:
+      raise ValueError(f"global_batch={self.global_batch} does not split into "
+                       f"num_microbatches={self.num_microbatches}")
+    object.__setattr__(self, "mesh_axes", {k: int(v) for k, v in self.mesh_axes.items()})
+    object.__setattr__(self, "stages", [list(s) for s in self.stages])
+    object.__setattr__(self, "leaf_specs", tuple(sorted(self.leaf_specs, key=lambda x: x[:2])))
+
+  @property
+  def num_devices(self) -> int:
+    n = 1
+    for size in self.mesh_axes.values():
+      n *= size
+    return n
+
+  def apply(self, step, **kwargs):
+    """Returns `step` sharded and pipelined as this plan says (see uniap_jax.apply)."""
+    from uniap_jax import apply as apply_lib  # the one documented backward edge
+    return apply_lib.apply_plan(self, step, **kwargs)
+
+  # --- JSON -----------------------------------------------------------------------
+
+  def to_json(self) -> str:
+    """Serialises the plan; `Plan.from_json(plan.to_json())` equals the plan."""
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "mesh_axes": dict(self.mesh_axes),
+        "stages": [list(s) for s in self.stages],
+        "num_microbatches": self.num_microbatches,
+        "schedule": self.schedule,
+        "leaf_specs": [[i, path, _spec_to_json(s)] for i, path, s in self.leaf_specs],
+        "num_param_args": len(self.param_specs),
+        "activation_specs": {k: _spec_to_json(v) for k, v in sorted(self.activation_specs.items())},
+        "layers": [dataclasses.asdict(l) for l in self.layers],
+        "predicted": {
+            **dataclasses.asdict(self.predicted),
+            "memory_per_device_bytes": list(self.predicted.memory_per_device_bytes),
+            "collectives": dict(self.predicted.collectives),
+        },
+        "solver": dataclasses.asdict(self.solver),
+        "cluster": self.cluster,
+        "global_batch": self.global_batch,
+        "batch_argnums": list(self.batch_argnums),
+        "fingerprint": self.fingerprint,
+    }
+    return json.dumps(payload, indent=1, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> Plan:
+    """Reads a plan written by `to_json`; pytrees of specs come back as nested dicts."""
+    try:
+      d = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"Plan JSON does not parse: {e}") from None
+    if not isinstance(d, dict):
+      raise ValueError(f"Plan JSON must be an object, got {type(d).__name__}")
+    version = d.get("schema_version")
+    if version != SCHEMA_VERSION:
+      raise ValueError(f"Plan JSON has schema_version={version!r}; this uniap_jax reads "
+                       f"{SCHEMA_VERSION}. Plan again with this version.")
+    missing = [k for k in ("mesh_axes", "stages", "num_microbatches", "schedule", "leaf_specs",
+                           "layers", "predicted", "solver", "cluster", "global_batch",
+                           "batch_argnums") if k not in d]
+    if missing:
+      raise ValueError(f"Plan JSON lacks fields {missing}")
+    leaf_specs = tuple((int(i), str(p), _spec_from_json(s)) for i, p, s in d["leaf_specs"])
+    batch_argnums = tuple(int(i) for i in d["batch_argnums"])
+    num_args = d.get("num_param_args", 0) + len(batch_argnums)
+    trees = specs_to_trees(leaf_specs, num_args)
+    param_specs = tuple(t for i, t in enumerate(trees) if i not in batch_argnums)
+    batch_specs = tuple(trees[i] for i in batch_argnums)
+    pred = dict(d["predicted"])
+    pred["memory_per_device_bytes"] = tuple(pred["memory_per_device_bytes"])
+    return cls(
+        mesh_axes={str(k): int(v) for k, v in d["mesh_axes"].items()},
+        stages=[list(s) for s in d["stages"]],
+        num_microbatches=int(d["num_microbatches"]),
+        schedule=d["schedule"],
+        param_specs=param_specs,
+        batch_specs=batch_specs,
+        leaf_specs=leaf_specs,
+        activation_specs={k: _spec_from_json(v) for k, v in d.get("activation_specs", {}).items()},
+        layers=tuple(LayerPlan(**l) for l in d["layers"]),
+        predicted=Predicted(**pred),
+        solver=SolverStats(**d["solver"]),
+        cluster=d["cluster"],
+        global_batch=int(d["global_batch"]),
+        batch_argnums=batch_argnums,
+        fingerprint=d.get("fingerprint", ""),
+    )
+
+  def __eq__(self, other):
+    if not isinstance(other, Plan):
+      return NotImplemented
+    return self.to_json() == other.to_json()
+
+  __hash__ = None
+
+  # --- summary ----------------------------------------------------------------------
+
+  def summary(self) -> str:
+    """A readable report: mesh, stages with their layers and strategies, predictions."""
+    p = self.predicted
+    mesh = " x ".join(f"{k}={v}" for k, v in self.mesh_axes.items())
+    lines = [
+        f"Plan for {self.cluster}: {self.num_devices} devices, mesh {mesh}",
+        f"  global batch {self.global_batch}, {self.num_microbatches} micro-batches, "
+        f"schedule {self.schedule}",
+        f"  step {_fmt_time(p.step_time_s)} (compute {_fmt_time(p.compute_time_s)}, "
+        f"communication {_fmt_time(p.communication_time_s)}, bubble {_fmt_time(p.bubble_time_s)} "
+        f"per slowest stage and micro-batch / step), "
+        f"{p.throughput:.2f} samples/s, MFU {100 * p.mfu:.1f}%",
+        f"  solver: {self.solver.status}, gap {100 * self.solver.gap:.2f}%, "
+        f"{self.solver.time_s:.2f} s over {self.solver.configurations} configurations "
+        f"({self.solver.skipped} pruned)",
+    ]
+    by_stage: dict[int, list[LayerPlan]] = {}
+    for l in self.layers:
+      by_stage.setdefault(l.stage, []).append(l)
+    for s, names in enumerate(self.stages):
+      mem = p.memory_per_device_bytes[s] if s < len(p.memory_per_device_bytes) else 0
+      lines.append(f"  stage {s}: {len(names)} layers ({_span(names)}), "
+                   f"memory {mem / 2**30:.2f} GiB per device")
+      for run in _runs(by_stage.get(s, [])):
+        first, last = run[0], run[-1]
+        label = first.name if len(run) == 1 else f"{first.name} .. {last.name} ({len(run)}x)"
+        t = sum(l.time_s for l in run)
+        lines.append(f"    {label:<36} {first.strategy:<28} {_fmt_time(t)}")
+    coll = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in p.collectives.items() if v)
+    lines.append(f"  collectives per device and step: {coll or 'none'}")
+    return "\n".join(lines)
+
+
+def _runs(layers: Sequence[LayerPlan]) -> list[list[LayerPlan]]:
+  """Groups consecutive layers of the same kind and strategy."""
+  runs: list[list[LayerPlan]] = []
+  for l in layers:
+    if runs and l.kind and runs[-1][-1].kind == l.kind and runs[-1][-1].strategy == l.strategy:
+      runs[-1].append(l)
+    else:
+      runs.append([l])
+  return runs
+
+
+def _span(names: Sequence[str]) -> str:
+  return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+
+
+def _fmt_time(t: float) -> str:
+  if t >= 1:
+    return f"{t:.3f} s"
+  if t >= 1e-3:
+    return f"{t * 1e3:.2f} ms"
+  return f"{t * 1e6:.1f} us"
+
+
+def _spec_to_json(spec: PartitionSpec) -> list:
+  return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
+def _spec_from_json(entries: Sequence) -> PartitionSpec:
+  if not isinstance(entries, list):
+    raise ValueError(f"a PartitionSpec must be a JSON list, got {entries!r}")
+  return PartitionSpec(*[tuple(e) if isinstance(e, list) else e for e in entries])
+
+
+def specs_to_trees(leaf_specs: Sequence[LeafSpec], num_args: int) -> tuple[Any, ...]:
+  """Rebuilds one nested dict of PartitionSpecs per argument from flat leaf specs.
+
+  A leaf at path "" (the argument is itself one array) becomes the spec itself.
+  """
+  trees: list[Any] = [{} for _ in range(num_args)]
+  for arg, path, spec in leaf_specs:
+    if not 0 <= arg < num_args:
+      raise ValueError(f"leaf spec for argument {arg} but the step has {num_args} arguments")
+    if path == "":
+      trees[arg] = spec
+      continue
+    node = trees[arg]
+    parts = path.split("/")
+    for part in parts[:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = spec
+  return tuple(trees)
