@@ -1,0 +1,1 @@
+"""Launchers and the model zoo used to measure uniap_jax."""
