@@ -68,11 +68,16 @@ class Predicted:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SolverStats:
-  """How the plan was found: SCIP's status, optimality gap and wall time."""
+  """How the plan was found: the solver's status, optimality gap and wall times.
+
+  time_s counts the solver alone, summed over the outer loop's configurations;
+  search_time_s the whole loop, building cost tables included (tracing excluded).
+  """
 
   status: str
   gap: float
   time_s: float
+  search_time_s: float = 0.0
   configurations: int = 1  # outer-loop configurations considered
   skipped: int = 0  # configurations pruned by their lower bound
 
@@ -268,8 +273,8 @@ class Plan:
         f"per slowest stage and micro-batch / step), "
         f"{p.throughput:.2f} samples/s, MFU {100 * p.mfu:.1f}%",
         f"  solver: {self.solver.status}, gap {100 * self.solver.gap:.2f}%, "
-        f"{self.solver.time_s:.2f} s over {self.solver.configurations} configurations "
-        f"({self.solver.skipped} pruned)",
+        f"{self.solver.time_s:.2f} s solving, {self.solver.search_time_s:.2f} s searching "
+        f"{self.solver.configurations} configurations ({self.solver.skipped} pruned)",
     ]
     by_stage: dict[int, list[LayerPlan]] = {}
     for l in self.layers:
