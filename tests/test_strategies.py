@@ -1,0 +1,285 @@
+"""uniap_jax.strategies: mesh shapes, layouts, labels, rules and candidates."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+from uniap_jax import graph as graph_lib
+from uniap_jax import strategies
+from uniap_jax.cluster import Cluster
+
+A100_2X8 = Cluster.preset("a100-40g-2x8")
+CPU8 = Cluster.preset("cpu-8")
+
+
+# --- Mesh shapes ------------------------------------------------------------------------
+
+def test_mesh_shapes_cover_the_factorisations_with_tp_innermost():
+  shapes = strategies.mesh_shapes(A100_2X8, 16)
+  assert len(shapes) == 5
+  assert [s.as_dict() for s in shapes[:4]] == [
+      {"dp": 16}, {"dp": 8, "tp": 2}, {"dp": 4, "tp": 4}, {"dp": 2, "tp": 8}]
+  fine = shapes[-1]
+  assert fine.kind == "fine"
+  assert fine.sizes == (2, 2, 2, 2)
+  assert fine.names[0].startswith("infiniband") and fine.names[-1].startswith("nvlink")
+  # tp up to the node size stays on NVLink; a dp axis of 4 over tp=4 spans both levels.
+  dp_tp = shapes[2]
+  assert dp_tp.level_factors((1,)) == (4, 1)
+  assert dp_tp.level_factors((0,)) == (2, 2)
+  assert dp_tp.level_factors((0, 1)) == (8, 2)
+
+
+def test_mesh_shapes_for_a_stage_inside_one_node():
+  # Two axes of 2 are already the finest view: no separate fine mesh.
+  shapes = strategies.mesh_shapes(A100_2X8, 4)
+  assert [s.as_dict() for s in shapes] == [{"dp": 4}, {"dp": 2, "tp": 2}]
+  assert all(s.level_factors(tuple(range(len(s.axes))))[1] == 1 for s in shapes)
+  assert [s.as_dict() for s in strategies.mesh_shapes(A100_2X8, 8, fine=False)] == [
+      {"dp": 8}, {"dp": 4, "tp": 2}, {"dp": 2, "tp": 4}]
+
+
+def test_mesh_shapes_reject_a_stage_that_does_not_divide():
+  with pytest.raises(ValueError, match=r"num_devices=3 does not divide the cluster's 16 "
+                     r"devices; use one of \[1, 2, 4, 8, 16\]"):
+    strategies.mesh_shapes(A100_2X8, 3)
+
+
+# --- Layouts and resharding -------------------------------------------------------------
+
+SIZES = (2, 4)  # axes 0 ("dp") and 1 ("tp")
+
+
+@pytest.mark.parametrize("src,dst,expected", [
+    (((), ()), ((1,), ()), []),  # a slice is free
+    (((1,), ()), ((), ()), [("all-gather", (1,), 1024.0)]),
+    (((0, 1), ()), ((), ()), [("all-gather", (0, 1), 1024.0)]),
+    (((1,), ()), ((), (1,)), [("all-to-all", (1,), 256.0)]),
+    (((0,), (1,)), ((1,), (0,)), [("all-to-all", (0,), 128.0), ("all-to-all", (1,), 128.0)]),
+    (((0,), (1,)), ((0,), ()), [("all-gather", (1,), 512.0)]),
+])
+def test_reshard_follows_the_spmd_partitioner(src, dst, expected):
+  comms, _ = strategies.reshard(src, dst, 1024.0, SIZES)
+  assert comms == expected
+
+
+@pytest.mark.parametrize("natural,partial,target,expected", [
+    # Contraction over a dp-split dim, result replicated: all-reduce of the full result.
+    (((), ()), (frozenset({0}),), ((), ()), [("all-reduce", (0,), 1024.0)]),
+    # Result split over the summed axis: reduce-scatter.
+    (((), ()), (frozenset({1}),), ((1,), ()), [("reduce-scatter", (1,), 1024.0)]),
+    # Two summed dims: one collective each, the scatter first, then the rest on the shard.
+    (((), ()), (frozenset({0}), frozenset({1})), ((1,), ()),
+     [("reduce-scatter", (1,), 1024.0), ("all-reduce", (0,), 256.0)]),
+])
+def test_partial_sums_resolve_per_summed_dim(natural, partial, target, expected):
+  comms, _ = strategies.finish(natural, partial, target, 1024.0, SIZES)
+  assert comms == expected
+
+
+def test_to_spec():
+  assert strategies.to_spec(((0,), (), (0, 1)), ("dp", "tp")) == ("dp", None, ("dp", "tp"))
+  assert strategies.to_spec(((), ()), ("dp", "tp")) == ()
+
+
+# --- Labels and candidates on a traced MLP ----------------------------------------------
+
+class MLP(nnx.Module):
+
+  def __init__(self, hidden, ffn, rngs):
+    self.l1 = nnx.Linear(hidden, ffn, rngs=rngs)
+    self.l2 = nnx.Linear(ffn, hidden, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jax.nn.relu(self.l1(x)))
+
+
+def _train_step(model, optimizer, batch):
+  loss = lambda m: jnp.mean((m(batch["x"]) - batch["y"]) ** 2)
+  value, grads = nnx.value_and_grad(loss)(model)
+  optimizer.update(model, grads)
+  return value
+
+
+def _mlp_graph(batch=16, hidden=32, ffn=64):
+  model = nnx.eval_shape(lambda: MLP(hidden, ffn, nnx.Rngs(0)))
+  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, optax.adamw(1e-3), wrt=nnx.Param),
+                             model)
+  data = {"x": jax.ShapeDtypeStruct((batch, hidden), jnp.float32),
+          "y": jax.ShapeDtypeStruct((batch, hidden), jnp.float32)}
+  return graph_lib.trace(_train_step, model, optimizer, data)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+  graph = _mlp_graph()
+  info = strategies.analyze(graph)
+  return graph, info, {l.name: strategies.build_ir(l, info) for l in graph.layers}
+
+
+def _label(ir, value_id, dim):
+  return ir.values[value_id].labels[dim]
+
+
+def test_labels_tie_activations_weights_and_gradients(mlp):
+  graph, _, irs = mlp
+  ir = irs["l1"]
+  kernel = next(p.value_id for p in graph.layer("l1").params if p.path == "l1/kernel")
+  (out,) = ir.output_ids
+  # The activation's hidden dim is the kernel's output dim; its rows are the batch.
+  assert _label(ir, out, 1) == _label(ir, kernel, 1)
+  assert _label(ir, out, 0) in ir.batch_labels
+  assert _label(ir, kernel, 0) in ir.param_labels
+  # Gradients follow their parameter.
+  assert ir.grad_ids and all(
+      set(ir.values[g].labels) <= set(ir.values[kernel].labels) | {-1} or
+      ir.values[g].shape == (64,) for g in ir.grad_ids)
+  # The optimizer state of a layer is read by that layer's ops.
+  assert len(ir.opt_state_ids) >= 4
+
+
+def test_micro_batch_scales_batch_dims_only(mlp):
+  graph, info, _ = mlp
+  ir = strategies.build_ir(graph.layer("l1"), info, microbatch=4)
+  (out,) = ir.output_ids
+  assert ir.values[out].shape == (4, 64)
+  kernel = next(p.value_id for p in graph.layer("l1").params if p.path == "l1/kernel")
+  assert ir.values[kernel].shape == (32, 64)
+  with pytest.raises(ValueError, match="does not scale to micro-batch 3"):
+    strategies.build_ir(graph.layer("l1"), info, microbatch=3.5)
+
+
+def _find(cands, ir, inputs=None, **specs):
+  paths = [p.path for p in ir.layer.params if p.value_id in ir.values]
+  for c in cands:
+    got = dict(zip(paths, c.param_specs))
+    if all(got[k] == v for k, v in specs.items()) and (
+        inputs is None or c.input_specs[:len(inputs)] == inputs):
+      return c
+  raise AssertionError(f"no candidate with {specs}, inputs {inputs}")
+
+
+def test_megatron_split_is_among_the_candidates(mlp):
+  """Column-split l1, row-split l2: one all-reduce of l2's output, nothing else."""
+  _, _, irs = mlp
+  mesh = strategies.mesh_shapes(CPU8, 8)[0]  # one axis of 8 ("dp" by name only)
+  l1 = _find(strategies.layer_candidates(irs["l1"], mesh, recompute=False), irs["l1"],
+             inputs=((),), **{"l1/kernel": (None, "dp"), "l1/bias": ("dp",)})
+  l2 = _find(strategies.layer_candidates(irs["l2"], mesh, recompute=False), irs["l2"],
+             inputs=((None, "dp"),), **{"l2/kernel": ("dp",), "l2/bias": ()})
+  assert l1.output_specs == ((None, "dp"),) and l2.input_specs[0] == (None, "dp")
+  assert [(c.kind, c.phase) for c in l1.comms] == []
+  forward = [c for c in l2.comms if c.phase == "forward" and c.bytes > 4]
+  assert [(c.kind, c.axes, c.count, c.bytes) for c in forward] == [
+      ("all-reduce", ("dp",), 1, 16 * 32 * 4)]
+
+
+def test_data_parallel_synchronises_gradients_once_per_step(mlp):
+  _, _, irs = mlp
+  mesh = strategies.mesh_shapes(CPU8, 8)[0]
+  dp = _find(strategies.layer_candidates(irs["l1"], mesh, recompute=False), irs["l1"],
+             inputs=(("dp",),), **{"l1/kernel": (), "l1/bias": ()})
+  assert dp.input_specs == (("dp",),)
+  assert [(c.kind, c.per_step, c.count) for c in dp.comms] == [("all-reduce", True, 2)]
+  assert dp.comms[0].bytes == (32 * 64 + 64) * 4 / 2
+
+
+def test_fsdp_gathers_weights_and_reduce_scatters_gradients(mlp):
+  _, _, irs = mlp
+  mesh = strategies.mesh_shapes(CPU8, 8)[0]
+  fsdp = _find(strategies.layer_candidates(irs["l1"], mesh, recompute=False), irs["l1"],
+               inputs=(("dp",),), **{"l1/kernel": ("dp",), "l1/bias": ()})
+  kinds = {(c.kind, c.phase, c.per_step) for c in fsdp.comms}
+  assert ("all-gather", "forward", False) in kinds
+  assert ("reduce-scatter", "backward", True) in kinds
+  assert fsdp.param_bytes < (32 * 64 + 64) * 4 / 4
+
+
+def test_recomputation_trades_activation_memory_for_forward_time(mlp):
+  _, _, irs = mlp
+  mesh = strategies.mesh_shapes(CPU8, 8)[0]
+  ir = irs["l1"]
+  plain, remat = strategies.layer_candidates(
+      ir, mesh, assignments_=[(tuple(sorted(ir.batch_labels)),)])
+  assert (plain.recompute, remat.recompute) == (False, True)
+  assert remat.activation_bytes < plain.activation_bytes
+  assert len(remat.comms) >= len(plain.comms)
+
+
+def test_a_mesh_axis_that_does_not_divide_removes_the_candidate():
+  graph = _mlp_graph(batch=16, hidden=32, ffn=6)
+  info = strategies.analyze(graph)
+  ir = strategies.build_ir(graph.layer("l1"), info)
+  mesh = strategies.mesh_shapes(CPU8, 8)[1]  # dp=4, tp=2
+  cands = strategies.layer_candidates(ir, mesh, recompute=False)
+  kernels = [dict(zip(["l1/bias", "l1/kernel"], c.param_specs))["l1/kernel"] for c in cands]
+  second = [k[1] if len(k) > 1 else None for k in kernels]
+  # ffn=6: tp=2 divides it, dp=4 and dp x tp = 8 do not.
+  assert "tp" in second
+  assert not any(s in ("dp", ("dp", "tp"), ("tp", "dp")) for s in second)
+
+
+def test_candidates_are_deterministic(mlp):
+  _, _, irs = mlp
+  mesh = strategies.mesh_shapes(CPU8, 8)[2]
+  a = strategies.layer_candidates(irs["l2"], mesh)
+  b = strategies.layer_candidates(irs["l2"], mesh)
+  assert [c.name for c in a] == [c.name for c in b]
+  assert [c.comms for c in a] == [c.comms for c in b]
+
+
+def test_value_layouts_cover_every_value(mlp):
+  _, _, irs = mlp
+  mesh = strategies.mesh_shapes(CPU8, 8)[0]
+  cand = strategies.layer_candidates(irs["l1"], mesh, recompute=False)[0]
+  layouts = strategies.value_layouts(irs["l1"], mesh, cand)
+  assert set(layouts) == set(irs["l1"].values)
+  assert tuple(layouts[v] for v in irs["l1"].input_ids) == cand.input_layouts
+
+
+# --- Unsupported primitives -------------------------------------------------------------
+
+class Cum(nnx.Module):
+
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.cumsum(jnp.cumsum(self.lin(x), axis=0), axis=1)
+
+
+class CumModel(nnx.Module):
+
+  def __init__(self, rngs):
+    self.cum = Cum(rngs)
+    self.out = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.cum(x))
+
+
+def test_unsupported_primitive_is_replicated_with_one_warning():
+  model = nnx.eval_shape(lambda: CumModel(nnx.Rngs(0)))
+  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, optax.sgd(1e-3), wrt=nnx.Param),
+                             model)
+  data = {"x": jax.ShapeDtypeStruct((8, 8), jnp.float32),
+          "y": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
+  graph = graph_lib.trace(_train_step, model, optimizer, data)
+  info = strategies.analyze(graph)
+  ir = strategies.build_ir(graph.layer("cum"), info)
+  assert set(strategies.unsupported(ir)) == {"cumsum"}
+  mesh = strategies.mesh_shapes(CPU8, 8)[0]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    cands = strategies.layer_candidates(ir, mesh, recompute=False)
+  messages = [str(w.message) for w in caught if "No sharding rule" in str(w.message)]
+  assert len(messages) == 1
+  assert "'cumsum'" in messages[0] and "layer 'cum'" in messages[0]
+  assert ".py:" in messages[0]  # the user's source line
+  # Data parallel still works around it: the cumsum's operand is gathered.
+  dp = next(c for c in cands if c.input_specs == (("dp",),))
+  assert any(c.kind == "all-gather" and c.phase == "forward" for c in dp.comms)

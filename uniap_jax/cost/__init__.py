@@ -1,0 +1,24 @@
+"""The cost model: seconds and bytes of every layer's candidates, as CostTables.
+
+Analytic by default: roofline compute per op from its FLOPs and bytes with the
+cluster's peaks (backward from the traced backward ops), alpha-beta collectives per
+topology level, memory of parameters, gradients, optimizer state and the activations
+of the micro-batches in flight. `build_cost_tables` produces the tables one
+configuration of the outer search turns into a `uniap_jax.solver.Problem`;
+`predicted_collectives` sums a chosen plan's collectives as XLA's HLO shows them.
+"""
+
+from uniap_jax.cost._formulas import MIXED_PRECISION_ADAM_BYTES_PER_PARAM as MIXED_PRECISION_ADAM_BYTES_PER_PARAM
+from uniap_jax.cost._formulas import collective_time_s as collective_time_s
+from uniap_jax.cost._formulas import comm_time_s as comm_time_s
+from uniap_jax.cost._formulas import model_state_bytes as model_state_bytes
+from uniap_jax.cost._formulas import roofline_time_s as roofline_time_s
+from uniap_jax.cost._formulas import send_time_s as send_time_s
+from uniap_jax.cost._predict import collectives_by_stage as collectives_by_stage
+from uniap_jax.cost._predict import predicted_collectives as predicted_collectives
+from uniap_jax.cost._tables import CostTables as CostTables
+from uniap_jax.cost._tables import EdgeCosts as EdgeCosts
+from uniap_jax.cost._tables import LayerCosts as LayerCosts
+from uniap_jax.cost._tables import SCHEDULES as SCHEDULES
+from uniap_jax.cost._tables import build_cost_tables as build_cost_tables
+from uniap_jax.cost._tables import microbatches_in_flight as microbatches_in_flight

@@ -1,0 +1,423 @@
+"""CostTables: per layer and candidate, time and memory; per edge, resharding and sends.
+
+One `CostTables` describes one configuration of the outer search: a stage mesh, a
+number of stages, micro-batches and a schedule. Its entries are per device and per
+micro-batch where the MIQP wants them so (DESIGN.md, solver semantics), with the
+per-step costs kept apart:
+
+  microbatch_time_s[k]  forward + backward compute and the collectives of one
+                        micro-batch (tensor-parallel all-reduces, FSDP gathers, ...);
+  step_time_s[k]        once per step, after the last micro-batch: the optimizer
+                        update and gradient synchronisation (data-parallel all-reduce,
+                        FSDP reduce-scatter), which the runtime issues once on the
+                        micro-batch gradients accumulated locally.
+
+How they enter the objective: the pipeline runs c micro-batches, then every stage
+synchronises and updates its own parameters, all stages at once. The exact iteration
+time is the UniAP objective over microbatch_time_s plus max over stages of the
+stage's summed step_time_s. `solver_time_s` folds the step cost into a per-micro-
+batch figure, microbatch_time_s + step_time_s / c, which keeps the solver's objective
+linear: the sum-over-stages part then carries sum(step)/c and the (c - 1) x bottleneck
+part carries (c - 1)/c of the bottleneck stage's step, together close to the step
+cost of the bottleneck stage for any c. Memory: `memory_by_stage(i)[s][k]` =
+parameters + optimizer state + gradients + (activations + batch leaves) x
+micro-batches in flight on stage s (with one micro-batch, the larger of gradients
+and activations: gradients appear as the backward frees activations);
+`reserve_bytes` is the largest transient working set of any kept candidate, to
+subtract from the per-device limit once.
+
+Communication is not overlapped with compute (as in UniAP); the collectives are the
+ones XLA compiles for the candidate's layouts, provided the runtime pins them (see
+`strategies.value_layouts` for tensors inside a layer that XLA's own propagation
+would lay out differently, e.g. under sequence parallelism).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import math
+import warnings
+
+import numpy as np
+
+from uniap_jax import cluster as cluster_lib
+from uniap_jax import graph as graph_lib
+from uniap_jax import strategies
+from uniap_jax.cost import _formulas
+
+SCHEDULES = ("gpipe", "1f1b")
+_GIB = 2**30
+
+
+def microbatches_in_flight(schedule: str, num_microbatches: int, num_stages: int,
+                           stage: int) -> int:
+  """Micro-batches whose activations a stage holds at once.
+
+  GPipe runs every forward before any backward: all c. 1F1B starts backwards as soon
+  as the last stage can: stage s holds at most num_stages - s.
+  """
+  if schedule == "gpipe":
+    return num_microbatches
+  if schedule == "1f1b":
+    return min(num_microbatches, num_stages - stage)
+  raise ValueError(f"schedule={schedule!r}; allowed: {', '.join(SCHEDULES)}.")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class LayerCosts:
+  """The Pareto-optimal candidates of one layer, with their costs (per device).
+
+  Attributes:
+    name: the layer's name in the graph.
+    signature: equal for identical layers (which share candidates and costs).
+    candidates: candidates kept (shared by layers with the same signature).
+    param_paths / input_ids / output_ids: this layer's parameter paths and boundary
+      value ids, in the positional order of the candidates' specs.
+    input_nbytes / output_nbytes: full sizes of the boundary values per micro-batch.
+    microbatch_time_s / step_time_s: see the module docstring.
+    state_bytes: parameters + optimizer state (AdamW's per `model_state_bytes` when the
+      step has no optimizer to trace).
+    grad_bytes: gradients (accumulated over micro-batches).
+    activation_bytes: activations kept for backward plus batch leaves, per micro-batch.
+    temp_bytes: the largest transient working set.
+    num_costed: candidates costed before Pareto pruning.
+  """
+
+  name: str
+  signature: str
+  candidates: tuple[strategies.Candidate, ...]
+  param_paths: tuple[str, ...]
+  input_ids: tuple[int, ...]
+  output_ids: tuple[int, ...]
+  input_nbytes: tuple[float, ...]
+  output_nbytes: tuple[float, ...]
+  microbatch_time_s: tuple[float, ...]
+  step_time_s: tuple[float, ...]
+  state_bytes: tuple[float, ...]
+  grad_bytes: tuple[float, ...]
+  activation_bytes: tuple[float, ...]
+  temp_bytes: tuple[float, ...]
+  num_costed: int
+
+  def memory_bytes(self, in_flight: int, accumulate: bool = True) -> tuple[float, ...]:
+    """Per candidate, bytes per device with `in_flight` micro-batches' activations.
+
+    With gradient accumulation (more than one micro-batch) the gradient buffers live
+    through every micro-batch, next to the activations. With one micro-batch,
+    gradients appear as the backward pass frees activations, so the layer needs the
+    larger of the two, not their sum.
+    """
+    out = []
+    for s, g, a in zip(self.state_bytes, self.grad_bytes, self.activation_bytes):
+      out.append(s + (g + a * in_flight if accumulate else max(g, a * in_flight)))
+    return tuple(out)
+
+  def param_specs(self, k: int) -> dict[str, tuple]:
+    """Parameter path -> PartitionSpec entries under candidate k."""
+    return dict(zip(self.param_paths, self.candidates[k].param_specs))
+
+  def find(self, **specs: tuple) -> int:
+    """Index of the first candidate whose parameter specs include `specs` (path=spec)."""
+    for k in range(len(self.candidates)):
+      mine = self.param_specs(k)
+      if all(mine.get(p.replace("__", "/")) == s for p, s in specs.items()):
+        return k
+    raise KeyError(f"Layer {self.name!r} has no candidate with {specs}.")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class EdgeCosts:
+  """Seconds per micro-batch to move an edge's values, [src candidate][dst candidate].
+
+  same_stage_s: resharding from the source's output layout to the destination's
+  input layout, and back for the cotangent. cross_stage_s: a send to the next stage
+  (and the cotangent's send back) plus that resharding.
+  """
+
+  src: str
+  dst: str
+  value_ids: tuple[int, ...]
+  same_stage_s: np.ndarray
+  cross_stage_s: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class CostTables:
+  """Costs of one (mesh, stages, micro-batches, schedule) configuration.
+
+  Attributes:
+    mesh: the mesh of one stage.
+    cluster: the cluster.
+    num_stages / num_microbatches / microbatch_size / schedule: the configuration
+      (microbatch_size counts samples of the whole micro-batch, all stage devices).
+    layers / edges: in graph order.
+    memory_limit_bytes: per device.
+    reserve_bytes: transient memory to keep free on every device (see module doc).
+    over_limit: (layer name, least memory in bytes it reaches, on stage 0) for layers
+      with no candidate under the limit.
+    unsupported: primitive -> "layer @ source" for primitives kept replicated.
+  """
+
+  mesh: strategies.MeshShape
+  cluster: cluster_lib.Cluster
+  num_stages: int
+  num_microbatches: int
+  microbatch_size: int
+  schedule: str
+  layers: tuple[LayerCosts, ...]
+  edges: tuple[EdgeCosts, ...]
+  memory_limit_bytes: float
+  reserve_bytes: float
+  over_limit: tuple[tuple[str, float], ...]
+  unsupported: Mapping[str, str]
+
+  def layer(self, name: str) -> LayerCosts:
+    for l in self.layers:
+      if l.name == name:
+        return l
+    raise KeyError(f"No layer {name!r}; layers are {[l.name for l in self.layers]}.")
+
+  def memory_by_stage(self, name: str) -> tuple[tuple[float, ...], ...]:
+    """[stage][candidate] bytes per device of one layer placed on that stage."""
+    l = self.layer(name)
+    return tuple(l.memory_bytes(microbatches_in_flight(
+        self.schedule, self.num_microbatches, self.num_stages, s), self.num_microbatches > 1)
+                 for s in range(self.num_stages))
+
+  def solver_time_s(self, name: str) -> tuple[float, ...]:
+    """microbatch_time_s + step_time_s / num_microbatches (see the module docstring)."""
+    l = self.layer(name)
+    return tuple(m + s / self.num_microbatches
+                 for m, s in zip(l.microbatch_time_s, l.step_time_s))
+
+  def check_memory(self) -> None:
+    """Raises ValueError naming the layers that fit nowhere, with their least memory."""
+    if not self.over_limit:
+      return
+    worst = ", ".join(f"{n!r} needs {b / _GIB:.2f} GiB" for n, b in self.over_limit)
+    raise ValueError(
+        f"No candidate fits under {self.memory_limit_bytes / _GIB:.2f} GiB per device on "
+        f"{self.mesh.as_dict()} with {self.num_microbatches} micro-batch(es) of "
+        f"{self.microbatch_size}: {worst} at least. Try more devices per stage, more "
+        "stages, schedule='1f1b', smaller micro-batches, or memory_limit_bytes= if the "
+        "limit is wrong.")
+
+
+def _pareto(points: np.ndarray) -> list[int]:
+  """Indices of rows not dominated by another row (<= everywhere, < somewhere)."""
+  keep = []
+  order = np.lexsort(points.T[::-1])
+  for i in order:
+    p = points[i]
+    dominated = False
+    for j in keep:
+      q = points[j]
+      if np.all(q <= p) and np.any(q < p):
+        dominated = True
+        break
+      if np.all(q == p):
+        dominated = True  # identical costs: the earlier candidate stands for both
+        break
+    if not dominated:
+      keep.append(i)
+  return sorted(keep)
+
+
+def _candidate_times(cand: strategies.Candidate, mesh: strategies.MeshShape,
+                     cluster: cluster_lib.Cluster) -> tuple[float, float]:
+  per_op = _formulas.roofline_time_s(cand.op_flops, cand.op_bytes, cand.op_dtype, cluster)
+  phase = np.array(cand.op_phase)
+  fwd = float(per_op[phase == "forward"].sum())
+  bwd = float(per_op[phase == "backward"].sum())
+  opt = float(per_op[phase == "optimizer"].sum())
+  micro = fwd + bwd + (fwd if cand.recompute else 0.0)
+  step = opt
+  for c in cand.comms:
+    t = _formulas.comm_time_s(c, mesh, cluster) * c.count
+    if c.per_step:
+      step += t
+    else:
+      micro += t
+  return micro, step
+
+
+def _reshard_time_s(src: strategies.Layout, dst: strategies.Layout, nbytes: float,
+                    mesh: strategies.MeshShape, cluster: cluster_lib.Cluster) -> float:
+  comms, _ = strategies.reshard(src, dst, nbytes, mesh.sizes)
+  return sum(_formulas.collective_time_s(kind, b, mesh.level_factors(axes), cluster.levels)
+             for kind, axes, b in comms)
+
+
+def build_cost_tables(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
+                      mesh: strategies.MeshShape, num_stages: int = 1,
+                      num_microbatches: int = 1, global_batch: int | None = None,
+                      schedule: str = "gpipe", memory_limit_bytes: float | None = None,
+                      recompute: bool | None = None, prune: bool = True,
+                      cache: dict | None = None) -> CostTables:
+  """Costs every layer's candidates and every edge for one configuration.
+
+  Layers with the same signature are costed once. Candidates are pruned to the Pareto
+  set (micro-batch time, step time, state, gradient and activation memory) within each
+  pair of boundary layouts: nothing the MIQP could prefer is lost.
+
+  Args:
+    graph: the traced step.
+    cluster: the target cluster.
+    mesh: the mesh of one stage (`strategies.mesh_shapes`).
+    num_stages: pipeline stages; num_stages * mesh devices must be the cluster's.
+    num_microbatches: micro-batches per step.
+    global_batch: samples per step; default the traced batch.
+    schedule: "gpipe" or "1f1b" (decides activations in flight).
+    memory_limit_bytes: per device; default the cluster's device memory.
+    recompute: None offers activation recomputation as a per-layer option; True or
+      False pins it.
+    prune: keep only Pareto-optimal candidates.
+    cache: a dict reused across calls (same graph and cluster) to share layer costs.
+  Returns:
+    The CostTables.
+  Raises:
+    ValueError: stages and mesh do not cover the cluster, or the batch does not split.
+  """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule={schedule!r}; allowed: {', '.join(SCHEDULES)}.")
+  if num_stages * mesh.num_devices != cluster.num_devices:
+    raise ValueError(
+        f"num_stages={num_stages} x {mesh.num_devices} devices per stage "
+        f"({mesh.as_dict()}) != the cluster's {cluster.num_devices} devices; choose a "
+        f"mesh of {cluster.num_devices // max(num_stages, 1)} devices.")
+  global_batch = graph.batch_size if global_batch is None else global_batch
+  if num_microbatches < 1 or global_batch % num_microbatches:
+    raise ValueError(
+        f"global_batch={global_batch} does not split into num_microbatches="
+        f"{num_microbatches} equal micro-batches ({global_batch} % {num_microbatches} = "
+        f"{global_batch % max(num_microbatches, 1)}). Choose num_microbatches from "
+        f"{[d for d in range(1, global_batch + 1) if global_batch % d == 0]}.")
+  microbatch = global_batch // num_microbatches
+  limit = cluster.memory_bytes if memory_limit_bytes is None else memory_limit_bytes
+  cache = {} if cache is None else cache
+  info = cache.get("info")
+  if info is None:
+    info = cache["info"] = strategies.analyze(graph)
+  unsupported: dict[str, str] = {}
+  layers: list[LayerCosts] = []
+  for layer in graph.layers:
+    ir_key = ("ir", layer.signature, microbatch)
+    ir = cache.get(ir_key)
+    if ir is None:
+      ir = cache[ir_key] = strategies.build_ir(layer, info, microbatch=microbatch)
+    for prim, src in strategies.unsupported(ir).items():
+      unsupported.setdefault(prim, f"layer {ir.layer.name!r} at {src or 'unknown source'}")
+    ids = (lambda v: v) if ir.layer is layer else strategies.rebind(ir, layer).__getitem__
+    key = (layer.signature, mesh, microbatch, recompute, prune, id(cluster))
+    shared = cache.get(key)
+    if shared is None:
+      shared = cache[key] = _cost_layer(ir, mesh, cluster, recompute, prune)
+    cands, micro, step, state, grads, act, temp, costed = shared
+    paths = {p.value_id: p.path for p in layer.params}
+    layers.append(LayerCosts(
+        name=layer.name, signature=layer.signature, candidates=cands,
+        param_paths=tuple(paths[ids(v)] for v in ir.param_ids),
+        input_ids=tuple(ids(v) for v in ir.input_ids),
+        output_ids=tuple(ids(v) for v in ir.output_ids),
+        input_nbytes=tuple(float(ir.values[v].nbytes) for v in ir.input_ids),
+        output_nbytes=tuple(float(ir.values[v].nbytes) for v in ir.output_ids),
+        microbatch_time_s=micro, step_time_s=step, state_bytes=state, grad_bytes=grads,
+        activation_bytes=act, temp_bytes=temp, num_costed=costed))
+  for prim, where in sorted(unsupported.items()):
+    warnings.warn(f"No sharding rule for {prim!r} ({where}): kept replicated; add one in "
+                  "uniap_jax/strategies/_rules.py.", stacklevel=2)
+  by_name = {l.name: l for l in layers}
+  edges = tuple(_edge_costs(e, by_name, mesh, cluster, cache) for e in graph.edges
+                if e.src in by_name and e.dst in by_name)
+  reserve = max((max(l.temp_bytes, default=0.0) for l in layers), default=0.0)
+  over = []
+  first_in_flight = microbatches_in_flight(schedule, num_microbatches, num_stages, 0)
+  for l in layers:
+    least = min((m + t for m, t in zip(l.memory_bytes(first_in_flight, num_microbatches > 1),
+                                       l.temp_bytes)), default=math.inf)
+    if least > limit:
+      over.append((l.name, least))
+  return CostTables(mesh=mesh, cluster=cluster, num_stages=num_stages,
+                    num_microbatches=num_microbatches, microbatch_size=microbatch,
+                    schedule=schedule, layers=tuple(layers), edges=edges,
+                    memory_limit_bytes=float(limit), reserve_bytes=reserve,
+                    over_limit=tuple(over), unsupported=dict(sorted(unsupported.items())))
+
+
+def _cost_layer(ir: strategies.LayerIR, mesh: strategies.MeshShape,
+                cluster: cluster_lib.Cluster, recompute: bool | None, prune: bool):
+  cands = strategies.layer_candidates(ir, mesh, recompute=recompute, warn=False)
+  if not cands:
+    return (), (), (), (), (), (), (), 0
+  times = [_candidate_times(c, mesh, cluster) for c in cands]
+  traced_optimizer = bool(ir.opt_state_ids) or any(o.op.phase == "optimizer" for o in ir.ops)
+  sixteen_bit = all(ir.values[v].itemsize == 2 for v in ir.param_ids) and bool(ir.param_ids)
+
+  def state(c: strategies.Candidate) -> float:
+    if traced_optimizer:
+      return c.param_bytes + c.optimizer_bytes
+    # No optimizer in the step: assume AdamW in mixed precision (model_state_bytes).
+    per_param = _formulas.ADAM_MOMENTS * _formulas.FP32_BYTES + (
+        _formulas.FP32_BYTES if sixteen_bit else 0)
+    return c.param_bytes + c.param_elements * per_param
+
+  rows = np.array([[m, s, state(c), c.grad_bytes, c.activation_bytes + c.batch_bytes,
+                    c.temp_bytes] for c, (m, s) in zip(cands, times)], dtype=np.float64)
+  # Transient memory is reserved once per device (reserve_bytes), not summed per
+  # layer, so it does not decide which candidates are worth keeping.
+  objectives = rows[:, :5]
+  keep = list(range(len(cands)))
+  if prune:
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cands):
+      groups.setdefault(c.boundary_key, []).append(i)
+    keep = sorted(i for idx in groups.values() for i in
+                  (idx[j] for j in _pareto(objectives[idx])))
+  column = lambda j: tuple(float(rows[i, j]) for i in keep)
+  return (tuple(cands[i] for i in keep), column(0), column(1), column(2), column(3),
+          column(4), column(5), len(cands))
+
+
+def _edge_costs(edge: graph_lib.Edge, layers: Mapping[str, LayerCosts],
+                mesh: strategies.MeshShape, cluster: cluster_lib.Cluster,
+                cache: dict) -> EdgeCosts:
+  src, dst = layers[edge.src], layers[edge.dst]
+  positions = tuple((src.output_ids.index(v), dst.input_ids.index(v)) for v in edge.value_ids
+                    if v in src.output_ids and v in dst.input_ids)
+  key = ("edge", src.signature, dst.signature, positions, mesh, id(cluster),
+         src.output_nbytes, id(src.candidates), id(dst.candidates))
+  got = cache.get(key)
+  if got is None:
+    got = cache[key] = _edge_tables(src, dst, positions, mesh, cluster)
+  return EdgeCosts(src=edge.src, dst=edge.dst, value_ids=edge.value_ids,
+                   same_stage_s=got[0], cross_stage_s=got[1])
+
+
+def _edge_tables(src: LayerCosts, dst: LayerCosts, positions: Sequence[tuple[int, int]],
+                 mesh: strategies.MeshShape, cluster: cluster_lib.Cluster
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  ns, nd = len(src.candidates), len(dst.candidates)
+  same = np.zeros((ns, nd))
+  cross = np.zeros((ns, nd))
+  stride = mesh.num_devices
+  sizes = mesh.sizes
+  for i, j in positions:
+    nbytes = src.output_nbytes[i]
+    src_lay = [c.output_layouts[i] for c in src.candidates]
+    dst_lay = [c.input_layouts[j] for c in dst.candidates]
+    memo: dict[tuple, tuple[float, float]] = {}
+    for a, ls in enumerate(src_lay):
+      for b, ld in enumerate(dst_lay):
+        got = memo.get((ls, ld))
+        if got is None:
+          there = _reshard_time_s(ls, ld, nbytes, mesh, cluster)
+          back = _reshard_time_s(ld, ls, nbytes, mesh, cluster)
+          send = (_formulas.send_time_s(nbytes / strategies.shard_count(ls, sizes), stride,
+                                        cluster) +
+                  _formulas.send_time_s(nbytes / strategies.shard_count(ld, sizes), stride,
+                                        cluster))
+          got = memo[(ls, ld)] = (there + back, there + back + send)
+        same[a, b] += got[0]
+        cross[a, b] += got[1]
+  return same, cross

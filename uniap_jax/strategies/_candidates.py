@@ -1,0 +1,464 @@
+"""A layer's candidate shardings: which labels each mesh axis splits, and what follows.
+
+A candidate gives every mesh axis an ordered tuple of labels (`Assignment`). A tensor
+is split over the axis along its dim with the first of those labels it has (and whose
+size the axis divides). Everything else follows from the rules: which operands are
+gathered, which results are partial sums, which collectives run, how many FLOPs each
+device does, and what each device holds. The axis roles people know are special cases:
+
+  (b,)        data parallel: the batch label; parameters replicated, gradients reduced.
+  (b, p)      FSDP / ZeRO-3: the batch, and parameters split along label p (gathered
+              before use, gradients reduce-scattered).
+  (F, N)      Megatron tensor parallel: the MLP's hidden and the attention heads.
+  (F, N, S)   Megatron with sequence parallelism: where neither F nor N is present
+              (norms, residual adds, the boundary activation) split the sequence.
+  (S,)        sequence (context) parallel: everything split along the sequence.
+
+The menus below enumerate such tuples from the layer's own labels, not from a fixed
+list of named strategies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import itertools
+import math
+import warnings
+
+import numpy as np
+
+from uniap_jax.strategies import _ir
+from uniap_jax.strategies import _layout
+from uniap_jax.strategies import _mesh
+from uniap_jax.strategies import _rules
+from uniap_jax.strategies._layout import Comm, Layout
+
+Assignment = tuple[tuple[int, ...], ...]  # per mesh axis: label ids, highest priority first
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Candidate:
+  """One way to shard one layer on one mesh, with everything the cost model needs.
+
+  Attributes:
+    name: readable roles, e.g. "dp=b0 tp=p3,p5".
+    assignment: per mesh axis, the label names it splits, highest priority first.
+    recompute: the forward runs again in the backward pass instead of keeping
+      activations (only the layer's inputs are kept).
+    param_specs: PartitionSpec entries per parameter, in the order of
+      `LayerIR.param_ids`; optimizer-state leaves of a parameter take its spec.
+    input_specs / output_specs: PartitionSpec entries of the boundary activations,
+      in the order of `LayerIR.input_ids` / `output_ids` (inputs include batch leaves).
+      Positions, not value ids, so that layers with one signature share candidates.
+    input_layouts / output_layouts: the same as Layouts, for resharding costs.
+    comms: collectives one device issues (per micro-batch, or per step when per_step).
+    op_flops / op_bytes: per op of the layer, FLOPs and bytes one device handles, per
+      micro-batch (forward and backward) or per step (optimizer).
+    op_phase: per op, "forward" / "backward" / "optimizer".
+    op_dtype: per op, the dtype name whose peak FLOP/s applies: a matmul's operand
+      dtype ("tfloat32" for fp32 at default precision), else its first result's.
+    param_bytes / grad_bytes / optimizer_bytes: per device, for the whole step.
+    param_elements: parameter elements per device (for optimizer states that are not
+      traced, see `cost.model_state_bytes`).
+    activation_bytes: per device and micro-batch, kept from forward to backward.
+    batch_bytes: per device and micro-batch, the batch leaves this layer reads (not
+      already counted as activations).
+    temp_bytes: per device, the largest working set of one op beyond what is counted
+      elsewhere: its non-stored operands (as resharded), gathered copies, unreduced
+      partial results and its results.
+  """
+
+  name: str
+  assignment: tuple[tuple[str, ...], ...]
+  recompute: bool
+  param_specs: tuple[tuple, ...]
+  input_specs: tuple[tuple, ...]
+  output_specs: tuple[tuple, ...]
+  input_layouts: tuple[Layout, ...]
+  output_layouts: tuple[Layout, ...]
+  comms: tuple[Comm, ...]
+  op_flops: np.ndarray
+  op_bytes: np.ndarray
+  op_phase: tuple[str, ...]
+  op_dtype: tuple[str, ...]
+  param_bytes: float
+  grad_bytes: float
+  optimizer_bytes: float
+  param_elements: float
+  activation_bytes: float
+  batch_bytes: float
+  temp_bytes: float
+
+  @property
+  def boundary_key(self) -> tuple:
+    """Equal for candidates whose boundary activations are laid out alike."""
+    return (self.input_layouts, self.output_layouts)
+
+
+def tensor_layout(value: _ir.Value, assignment: Assignment, sizes: Sequence[int]) -> Layout:
+  """The layout a candidate gives one tensor (see the module docstring)."""
+  dims: list[list[int]] = [[] for _ in value.shape]
+  labels = value.labels
+  for ax, prefs in enumerate(assignment):
+    for lab in prefs:
+      if lab not in labels:
+        continue
+      placed = False
+      for d, l in enumerate(labels):
+        if l == lab:
+          split = math.prod(sizes[a] for a in dims[d]) * sizes[ax]
+          if value.shape[d] % split == 0:
+            dims[d].append(ax)
+            placed = True
+            break
+      if placed:
+        break
+  return tuple(tuple(d) for d in dims)
+
+
+def _menus(ir: _ir.LayerIR, mesh: _mesh.MeshShape) -> list[list[tuple[int, ...]]]:
+  """Per mesh axis, the label tuples it may take."""
+  batch = tuple(sorted(ir.batch_labels))  # all batch labels move together
+  params = sorted(ir.param_labels - ir.batch_labels)
+  seq = sorted(ir.boundary_labels - ir.batch_labels - ir.param_labels)
+  param_bytes = {l: 0 for l in params}
+  for v in ir.param_ids:
+    val = ir.values[v]
+    for l in set(val.labels):
+      if l in param_bytes:
+        param_bytes[l] += val.nbytes
+  tp_sets = _independent_sets(params, ir.cooccur)
+  menu: list[tuple[int, ...]] = [()]
+  if batch:
+    menu.append(batch)
+    menu += [batch + (p,) for p in params]
+  menu += [tuple(s) for s in tp_sets]
+  menu += [tuple(s) + (q,) for s in tp_sets for q in seq if q not in s]
+  menu += [(q,) for q in seq]  # sequence (context) parallel alone
+  if mesh.kind == "fine":
+    # The fine view multiplies menus across many small axes: keep the roles that
+    # cover the most parameter bytes.
+    by_bytes = sorted(params, key=lambda l: (-param_bytes[l], l))
+    best_tp = max(tp_sets, key=lambda s: (sum(param_bytes[l] for l in s), tuple(-l for l in s)),
+                  default=())
+    menu = [()]
+    if batch:
+      menu.append(batch)
+      if by_bytes:
+        menu.append(batch + (by_bytes[0],))
+    if best_tp:
+      menu.append(tuple(best_tp))
+      menu += [tuple(best_tp) + (q,) for q in seq[:1]]
+  menu = list(dict.fromkeys(menu))
+  return [menu if ax.size > 1 else [()] for ax in mesh.axes]
+
+
+def _independent_sets(labels: Sequence[int], cooccur: frozenset[tuple[int, int]]) -> list[tuple[int, ...]]:
+  """Maximal sets of labels that never share a tensor (so one axis can split them all)."""
+  def clash(a: int, b: int) -> bool:
+    return (min(a, b), max(a, b)) in cooccur
+  out: list[tuple[int, ...]] = []
+  labels = list(labels)
+  # Bron-Kerbosch on the complement graph; layers have a handful of param labels.
+  def extend(current: list[int], candidates: list[int], excluded: list[int]) -> None:
+    if not candidates and not excluded:
+      out.append(tuple(sorted(current)))
+      return
+    for v in list(candidates):
+      extend(current + [v], [u for u in candidates if u != v and not clash(u, v)],
+             [u for u in excluded if not clash(u, v)])
+      candidates.remove(v)
+      excluded.append(v)
+  if len(labels) <= 16:
+    extend([], labels, [])
+  else:
+    out = [(l,) for l in labels]
+  return sorted(set(out))
+
+
+def assignments(ir: _ir.LayerIR, mesh: _mesh.MeshShape) -> list[Assignment]:
+  """Every assignment to cost: the product of per-axis menus, up to interchangeable axes.
+
+  Axes of equal size that sit in the same topology levels are interchangeable, so
+  only one ordering of their roles is kept.
+  """
+  menus = _menus(ir, mesh)
+  classes: dict[tuple, list[int]] = {}
+  for i, ax in enumerate(mesh.axes):
+    classes.setdefault((ax.size, mesh.level_factors((i,))), []).append(i)
+  per_class = []
+  for key, axes in classes.items():
+    options = list(itertools.combinations_with_replacement(range(len(menus[axes[0]])), len(axes)))
+    per_class.append((axes, options))
+  out: list[Assignment] = []
+  for combo in itertools.product(*(opts for _, opts in per_class)):
+    assignment: list[tuple[int, ...]] = [()] * len(mesh.axes)
+    for (axes, _), choice in zip(per_class, combo):
+      for ax, k in zip(axes, choice):
+        assignment[ax] = menus[ax][k]
+    out.append(tuple(assignment))
+  return out
+
+
+class _Evaluator:
+  """Evaluates assignments of one LayerIR on one mesh, memoising per-op results."""
+
+  def __init__(self, ir: _ir.LayerIR, mesh: _mesh.MeshShape):
+    self.ir = ir
+    self.mesh = mesh
+    self.sizes = mesh.sizes
+    self.names = mesh.names
+    self._plans: dict[tuple, _rules.Plan] = {}
+    self._reshard: dict[tuple, tuple] = {}
+    self._finish: dict[tuple, tuple] = {}
+    ops = ir.ops
+    self.op_phase = tuple(o.op.phase for o in ops)
+    # The peak FLOP/s that applies: a matmul runs at its operands' dtype (bf16 in, fp32
+    # accumulated out runs at the bf16 rate), an fp32 matmul at default precision at
+    # the TF32 rate (XLA's default on Ampere and later); other ops at their result's.
+    def rate(o: _ir.OpIR) -> str:
+      if o.family in ("dot", "conv") and o.op.in_types:
+        dtype = o.op.in_types[0].dtype
+        if dtype == "float32" and o.op.param("precision") is None:
+          return "tfloat32"
+        return dtype
+      return o.op.out_types[0].dtype if o.op.out_types else "float32"
+    self.op_dtype = tuple(rate(o) for o in ops)
+    self.op_flops = np.array([o.flops for o in ops], dtype=np.float64)
+    # Values counted elsewhere (stored, or fused into their readers) are left out of
+    # an op's working set.
+    self.stored = frozenset((*ir.param_ids, *ir.opt_state_ids, *ir.kept_ids, *ir.batch_ids,
+                             *ir.fused_ids))
+    self.param_set = frozenset(ir.param_ids)
+    self.nbytes = {vid: v.nbytes for vid, v in ir.values.items()}
+    self._counts: dict[Layout, int] = {}
+    self.op_info = []
+    for o in ops:
+      out0 = ir.values[o.op.out_ids[0]].shape if o.op.out_ids else ()
+      implicit = tuple(o.family == "elementwise" and v >= 0 and ir.values[v].shape != out0
+                       for v in o.op.in_ids)
+      self.op_info.append((o, o.op.in_ids, o.op.out_ids, implicit))
+
+  def _layouts(self, assignment: Assignment) -> dict[int, Layout]:
+    cache: dict[tuple, Layout] = {}
+    out = {}
+    for vid, v in self.ir.values.items():
+      key = (v.labels, v.shape)
+      lay = cache.get(key)
+      if lay is None:
+        lay = cache[key] = tensor_layout(v, assignment, self.sizes)
+      out[vid] = lay
+    return out
+
+  def _valid(self, assignment: Assignment, layouts: Mapping[int, Layout]) -> bool:
+    """False when an axis cannot split a parameter or boundary tensor it should split."""
+    ir = self.ir
+    for vid in (*ir.param_ids, *ir.input_ids, *ir.output_ids):
+      v = ir.values[vid]
+      used = _layout.used_axes(layouts[vid])
+      for ax, prefs in enumerate(assignment):
+        if ax not in used and any(l in v.labels for l in prefs):
+          return False
+    return True
+
+  def _count(self, layout: Layout) -> int:
+    n = self._counts.get(layout)
+    if n is None:
+      n = self._counts[layout] = _layout.shard_count(layout, self.sizes)
+    return n
+
+  def evaluate(self, assignment: Assignment,
+               flags: Sequence[bool] = (False,)) -> list[Candidate]:
+    """The candidates of one assignment, without and/or with recomputation."""
+    ir, sizes, count = self.ir, self.sizes, self._count
+    layouts = self._layouts(assignment)
+    if not self._valid(assignment, layouts):
+      return []
+    nbytes_of = self.nbytes
+    comms: dict[tuple, tuple[float, int]] = {}
+    n_ops = len(ir.ops)
+    op_bytes = np.zeros(n_ops)
+    op_frac = np.ones(n_ops)
+    seen_reshards: dict[tuple, set[str]] = {}
+    reshard_bytes: dict[tuple, float] = {}
+    temp_forward = temp_backward = 0.0
+    for k, (o, in_ids, out_ids, implicit) in enumerate(self.op_info):
+      op = o.op
+      ins = tuple(layouts[v] if v >= 0 else None for v in in_ids)
+      outs = tuple(layouts[v] for v in out_ids)
+      key = (k, ins, outs)
+      plan = self._plans.get(key)
+      if plan is None:
+        ctx = _rules.Context(
+            op=o, ins=ins, outs=outs,
+            in_shapes=tuple(ir.values[v].shape if v >= 0 else None for v in in_ids),
+            out_shapes=tuple(ir.values[v].shape for v in out_ids), sizes=sizes)
+        plan = self._plans[key] = _rules.RULES.get(o.family, _rules.rule_other)(ctx)
+      op_frac[k] = plan.frac
+      moved = local_in = working = 0.0
+      for v, src, dst, bcast in zip(in_ids, ins, plan.in_targets, implicit):
+        if v < 0 or dst is None:
+          continue
+        nbytes = nbytes_of[v]
+        here = nbytes / count(dst)
+        local_in += here
+        if v not in self.stored:
+          working += here
+        if src == dst or v in ir.constant_ids:
+          continue
+        # XLA reshards a value once for all its readers (its partitioner caches the
+        # reshard), except an operand an elementwise op broadcasts implicitly: the
+        # lowering makes a broadcast per reader, and each is resharded on its own.
+        rkey = (v, dst, k) if bcast else (v, dst)
+        phases = seen_reshards.get(rkey)
+        if phases is not None:
+          phases.add(op.phase)
+          continue
+        seen_reshards[rkey] = {op.phase}
+        result = self._reshard.get((src, dst, nbytes))
+        if result is None:
+          result = self._reshard[(src, dst, nbytes)] = _layout.reshard(src, dst, nbytes, sizes)
+        rcomms, peak = result
+        reshard_bytes[rkey] = peak
+        moved += peak
+        for kind, axes, b in rcomms:
+          self._add(comms, kind, axes, b, op.phase, False)
+      local_out = 0.0
+      for v, natural, partial, target in zip(out_ids, plan.out_natural, plan.out_partial, outs):
+        nbytes = nbytes_of[v]
+        here = nbytes / count(target)
+        local_out += here
+        if v not in self.stored:
+          working += here
+        if natural == target and not partial:
+          continue
+        fkey = (natural, partial, target, nbytes)
+        result = self._finish.get(fkey)
+        if result is None:
+          result = self._finish[fkey] = _layout.finish(natural, partial, target, nbytes, sizes)
+        fcomms, peak = result
+        moved += peak
+        per_step = op.phase == "optimizer" or (op.phase == "backward" and v in ir.grad_like_ids)
+        for kind, axes, b in fcomms:
+          self._add(comms, kind, axes, b, op.phase, per_step)
+      op_bytes[k] = local_in + local_out
+      # The backward's working sets, which see every kept activation, decide the peak;
+      # forward transients count once the forward is re-run inside the backward.
+      if op.phase == "forward":
+        temp_forward = max(temp_forward, working + moved)
+      else:
+        temp_backward = max(temp_backward, working + moved)
+    local = lambda v: nbytes_of[v] / count(layouts[v])
+    param_bytes = sum(local(v) for v in ir.param_ids)
+    optimizer_bytes = sum(local(v) for v in ir.opt_state_ids)
+    grad_bytes = sum(local(v) for v in ir.grad_ids) if ir.grad_ids else param_bytes
+    param_elements = sum(math.prod(ir.values[v].shape) / count(layouts[v]) for v in ir.param_ids)
+    comm_list = [Comm(kind=kind, axes=tuple(self.names[a] for a in axes), bytes=b / n,
+                      phase=phase, per_step=per_step, count=n)
+                 for (kind, axes, phase, per_step), (b, n) in sorted(comms.items())]
+    flops = self.op_flops * op_frac
+    names = ir.label_names
+    to_spec = lambda lay: _layout.to_spec(lay, self.names)
+    common = dict(
+        assignment=tuple(tuple(names[l] for l in prefs) for prefs in assignment),
+        param_specs=tuple(to_spec(layouts[v]) for v in ir.param_ids),
+        input_specs=tuple(to_spec(layouts[v]) for v in ir.input_ids),
+        output_specs=tuple(to_spec(layouts[v]) for v in ir.output_ids),
+        input_layouts=tuple(layouts[v] for v in ir.input_ids),
+        output_layouts=tuple(layouts[v] for v in ir.output_ids),
+        op_flops=flops, op_bytes=op_bytes, op_phase=self.op_phase, op_dtype=self.op_dtype,
+        param_bytes=param_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
+        param_elements=param_elements,
+        batch_bytes=sum(local(v) for v in ir.batch_ids if v not in ir.kept_ids))
+    name = describe(assignment, self.names, names)
+    out = []
+    for recompute in flags:
+      if recompute:
+        activation = sum(local(v) for v in ir.input_ids)
+        fwd = [c for c in comm_list if c.phase == "forward"]
+        cands_comms = tuple(comm_list + [dataclasses.replace(c, phase="recompute") for c in fwd])
+        temp = max(temp_forward, temp_backward)
+      else:
+        activation = sum(local(v) for v in ir.kept_ids if v not in ir.constant_ids)
+        # Parameters gathered in the forward pass and read again by the backward pass
+        # stay alive in between (XLA reuses the gathered copy).
+        activation += sum(b for key, b in reshard_bytes.items()
+                          if key[0] in self.param_set
+                          and {"forward", "backward"} <= seen_reshards[key])
+        cands_comms = tuple(comm_list)
+        temp = temp_backward
+      out.append(Candidate(name=name + (" +remat" if recompute else ""), recompute=recompute,
+                           comms=cands_comms, activation_bytes=activation, temp_bytes=temp,
+                           **common))
+    return out
+
+  @staticmethod
+  def _add(comms: dict, kind: str, axes: tuple[int, ...], b: float, phase: str,
+           per_step: bool) -> None:
+    """Collectives of one kind, axes and phase are kept as (total bytes, count)."""
+    key = (kind, axes, phase, per_step)
+    total, n = comms.get(key, (0.0, 0))
+    comms[key] = (total + b, n + 1)
+
+
+def value_layouts(ir: _ir.LayerIR, mesh: _mesh.MeshShape,
+                  candidate: Candidate) -> dict[int, Layout]:
+  """The layout a candidate gives every value of the layer (by this IR's value ids).
+
+  A plan pins parameters and boundary activations; XLA's propagation decides the rest
+  and can resolve a conflict differently (e.g. keep a sequence split where the
+  candidate splits heads). Constraining the values listed here reproduces the
+  candidate exactly; `apply` may pin the outputs of contractions with them.
+  """
+  index = {name: i for i, name in enumerate(ir.label_names)}
+  assignment = tuple(tuple(index[n] for n in prefs) for prefs in candidate.assignment)
+  return {vid: tensor_layout(v, assignment, mesh.sizes) for vid, v in ir.values.items()}
+
+
+def describe(assignment: Assignment, axis_names: Sequence[str], label_names: Sequence[str]) -> str:
+  parts = [f"{axis_names[i]}={','.join(label_names[l] for l in prefs)}"
+           for i, prefs in enumerate(assignment) if prefs]
+  return " ".join(parts) or "replicated"
+
+
+def unsupported(ir: _ir.LayerIR) -> dict[str, str]:
+  """Primitives of the layer without a sharding rule -> the source line of the first."""
+  out: dict[str, str] = {}
+  for o in ir.ops:
+    if o.family == "other":
+      out.setdefault(o.op.primitive, o.op.source)
+  return out
+
+
+def layer_candidates(ir: _ir.LayerIR, mesh: _mesh.MeshShape, *,
+                     recompute: bool | None = None,
+                     assignments_: Sequence[Assignment] | None = None,
+                     warn: bool = True) -> tuple[Candidate, ...]:
+  """Every candidate of one layer on one mesh (before Pareto pruning).
+
+  Args:
+    ir: the layer, labelled and scaled to the micro-batch (`_ir.build`).
+    mesh: the stage's mesh.
+    recompute: None costs both with and without activation recomputation; True or
+      False pins it.
+    assignments_: the assignments to cost; default `assignments(ir, mesh)`.
+    warn: warn once per primitive that has no rule (it is kept replicated).
+  Returns:
+    Candidates in a deterministic order; assignments that cannot split a parameter
+    or boundary tensor (a mesh axis that does not divide it) are left out.
+  """
+  ev = _Evaluator(ir, mesh)
+  for primitive, source in sorted(unsupported(ir).items() if warn else ()):
+    warnings.warn(
+        f"No sharding rule for {primitive!r} at {source or 'unknown source'} (layer "
+        f"{ir.layer.name!r}): kept replicated; add one in uniap_jax/strategies/_rules.py.",
+        stacklevel=2)
+  has_backward = any(o.op.phase == "backward" for o in ir.ops)
+  flags = (False, True) if recompute is None else (recompute,)
+  if not has_backward:
+    flags = (False,)
+  out = []
+  for assignment in (assignments(ir, mesh) if assignments_ is None else assignments_):
+    out.extend(ev.evaluate(assignment, flags))
+  return tuple(out)

@@ -1,0 +1,397 @@
+"""A layer's ops prepared for sharding: tensor dimensions grouped into labels.
+
+Two dimensions get the same label when an op ties them: an elementwise op ties its
+operands' dims to its result's, a matmul ties contracting dims together and batch
+and free dims to its result's, a reshape ties a merged dim to its leading factor,
+and so on. A strategy then splits labels, not single tensors: "split label F over
+axis tp" shards the MLP's hidden dim in the up-projection kernel, its output, the
+activation, the down-projection kernel and all their gradients alike, which is what
+Megatron does by hand. Labels are local to a layer; whether a label is the batch is
+decided over the whole graph (`batch_dims`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from uniap_jax import graph as graph_lib
+from uniap_jax.strategies._links import FAMILY_OF_PRIMITIVE as FAMILY_OF_PRIMITIVE
+from uniap_jax.strategies._links import Node
+from uniap_jax.strategies._links import UnionFind
+from uniap_jax.strategies._links import conv_specs as conv_specs
+from uniap_jax.strategies._links import dnum as dnum
+from uniap_jax.strategies._links import dot_dims as dot_dims
+from uniap_jax.strategies._links import family_of as family_of
+from uniap_jax.strategies._links import field as field
+from uniap_jax.strategies._links import links as links
+from uniap_jax.strategies._links import reshape_groups as reshape_groups
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class GraphInfo:
+  """What labelling one layer needs to know about the whole graph.
+
+  Attributes:
+    batch: (value, dim) pairs tied to the leading dim of a batch input.
+    roles: value id -> role of the step's inputs ("param", "optimizer_state", ...).
+    live: values that reach the step's results (the rest is dead code XLA drops).
+    traced_batch: the batch size the graph was traced with.
+  """
+
+  batch: frozenset[Node]
+  roles: Mapping[int, str]
+  live: frozenset[int]
+  traced_batch: int
+
+
+def analyze(graph: graph_lib.LayerGraph) -> GraphInfo:
+  """Batch dims, input roles and live values of a traced step."""
+  producer: dict[int, graph_lib.Op] = {}
+  for layer in graph.layers:
+    for op in layer.ops:
+      for v in op.out_ids:
+        producer[v] = op
+  roots = set(graph.output_ids) | {i.updated_id for i in graph.inputs if i.updated_id >= 0}
+  if not roots:  # a graph without recorded results: keep everything
+    roots = set(producer)
+  live: set[int] = set()
+  stack = list(roots)
+  while stack:
+    v = stack.pop()
+    if v in live:
+      continue
+    live.add(v)
+    op = producer.get(v)
+    if op is not None:
+      stack.extend(i for i in op.in_ids if i >= 0 and i not in live)
+  return GraphInfo(batch=batch_dims(graph), roles={i.value_id: i.role for i in graph.inputs},
+                   live=frozenset(live), traced_batch=graph.batch_size)
+
+
+def batch_dims(graph: graph_lib.LayerGraph) -> frozenset[Node]:
+  """Every (value, dim) of the graph tied to the leading dim of a batch input."""
+  uf = UnionFind()
+  for layer in graph.layers:
+    for op in layer.ops:
+      for a, b in links(op):
+        uf.union(a, b)
+  roots = {uf.find((inp.value_id, 0)) for inp in graph.inputs
+           if inp.role == "batch" and inp.info.shape}
+  return frozenset(n for n in list(uf.parent) if uf.find(n) in roots)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Value:
+  """One tensor of a layer, with its dims' labels (-1: size-1 dim, never split)."""
+
+  id: int
+  shape: tuple[int, ...]
+  itemsize: int
+  labels: tuple[int, ...]
+  batched: bool  # some dim is the batch (its size follows the micro-batch)
+  nbytes: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpIR:
+  index: int
+  op: graph_lib.Op
+  family: str
+  flops: float
+  batched: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class LayerIR:
+  """A layer's values and ops at one micro-batch size, with labels and roles.
+
+  Attributes:
+    layer: the graph layer.
+    values: value id -> Value, for everything the layer's ops read or write.
+    ops: the layer's ops in program order.
+    num_labels: labels are 0..num_labels-1, numbered by first appearance.
+    label_names: a readable name per label ("b0", "p1", ...).
+    batch_labels / param_labels / boundary_labels: labels of batch dims, of parameter
+      dims, of forward boundary activations' dims.
+    cooccur: pairs of labels that appear in one tensor.
+    param_ids / opt_state_ids / batch_ids: inputs by role.
+    input_ids: forward boundary inputs (activations from earlier layers and batch leaves).
+    output_ids: values later layers read.
+    residual_ids: forward values the backward ops read.
+    kept_ids: what is stored between the passes for them: XLA fuses cheap elementwise
+      ops into their readers, so a residual made by such ops from other stored values
+      is recomputed in the backward fusion instead of kept (transcendental ops, matmuls,
+      reductions and gathers are kept).
+    grad_ids: gradients handed to the optimizer ops.
+    grad_like_ids: values whose partial sums can wait for the per-step gradient sync.
+    fused_ids: results of elementwise-like ops read by exactly one op: XLA fuses them
+      into their reader, so they never occupy memory of their own.
+    readers: value id -> how many of the layer's ops read it.
+    constant_ids: values computed from constants alone (iota, masks): every device
+      computes whatever part it needs, so resharding them is free.
+    scale: micro-batch size / traced batch size.
+  """
+
+  layer: graph_lib.Layer
+  values: Mapping[int, Value]
+  ops: tuple[OpIR, ...]
+  num_labels: int
+  label_names: tuple[str, ...]
+  batch_labels: frozenset[int]
+  param_labels: frozenset[int]
+  boundary_labels: frozenset[int]
+  cooccur: frozenset[tuple[int, int]]
+  param_ids: tuple[int, ...]
+  opt_state_ids: tuple[int, ...]
+  batch_ids: tuple[int, ...]
+  input_ids: tuple[int, ...]
+  output_ids: tuple[int, ...]
+  residual_ids: tuple[int, ...]
+  kept_ids: tuple[int, ...]
+  grad_ids: tuple[int, ...]
+  grad_like_ids: frozenset[int]
+  fused_ids: frozenset[int]
+  readers: Mapping[int, int]
+  constant_ids: frozenset[int]
+  scale: float
+
+
+def build(layer: graph_lib.Layer, info: GraphInfo | None = None, *,
+          microbatch: int | None = None) -> LayerIR:
+  """Labels a layer's dims and scales its batch dims to `microbatch` samples.
+
+  Dead ops (whose results reach nothing the step returns) are dropped, as XLA does.
+
+  Args:
+    layer: the layer.
+    info: the graph-wide facts (`analyze(graph)`); without it nothing is batch and
+      every op is live.
+    microbatch: the micro-batch size to cost; default the traced batch.
+  Raises:
+    ValueError: a batch dim does not scale to a whole size.
+  """
+  batch = info.batch if info else frozenset()
+  roles = dict(info.roles) if info else {}
+  traced_batch = info.traced_batch if info else 1
+  live_ops = [op for op in layer.ops
+              if info is None or any(v in info.live for v in op.out_ids)]
+  for p in layer.params:
+    roles[p.value_id] = "param"
+  microbatch = traced_batch if microbatch is None else microbatch
+  scale = microbatch / traced_batch
+  uf = UnionFind()
+  types: dict[int, graph_lib.TensorInfo] = {}
+  produced: dict[int, str] = {}
+  consumers: dict[int, list[str]] = {}
+  for op in live_ops:
+    for i, t in zip(op.in_ids, op.in_types):
+      if i >= 0:
+        types.setdefault(i, t)
+        consumers.setdefault(i, []).append(op.phase)
+    for o, t in zip(op.out_ids, op.out_types):
+      if o >= 0:
+        types[o] = t
+        produced[o] = op.phase
+    for a, b in links(op):
+      uf.union(a, b)
+  label_of: dict[Any, int] = {}
+  values: dict[int, Value] = {}
+  batch_roots = {uf.find(n) for n in batch if n[0] in types}
+  batch_labels = set()
+  order = []
+  seen = set()
+  for op in live_ops:
+    for v in (*op.in_ids, *op.out_ids):
+      if v >= 0 and v not in seen:
+        seen.add(v)
+        order.append(v)
+  for vid in order:
+    t = types[vid]
+    labels = []
+    shape = list(t.shape)
+    batched = False
+    for d, size in enumerate(t.shape):
+      if size <= 1:
+        labels.append(-1)
+        continue
+      root = uf.find((vid, d))
+      if root not in label_of:
+        label_of[root] = len(label_of)
+      lab = label_of[root]
+      labels.append(lab)
+      if root in batch_roots or (vid, d) in batch:
+        batch_labels.add(lab)
+        batched = True
+        scaled = size * scale
+        if abs(scaled - round(scaled)) > 1e-9 or round(scaled) < 1:
+          raise ValueError(
+              f"Layer {layer.name!r}: a batch dim of size {size} (traced batch "
+              f"{traced_batch}) does not scale to micro-batch {microbatch}; choose a "
+              f"micro-batch size that divides evenly.")
+        shape[d] = int(round(scaled))
+    itemsize = np.dtype(t.dtype).itemsize
+    values[vid] = Value(id=vid, shape=tuple(shape), itemsize=itemsize, labels=tuple(labels),
+                        batched=batched, nbytes=math.prod(shape) * itemsize)
+  ops = []
+  for index, op in enumerate(live_ops):
+    batched = any(values[v].batched for v in (*op.in_ids, *op.out_ids) if v >= 0)
+    ops.append(OpIR(index=index, op=op, family=family_of(op),
+                    flops=op.flops * (scale if batched else 1.0), batched=batched))
+  param_ids = tuple(p.value_id for p in layer.params if p.value_id in values)
+  opt_state_ids = tuple(v for v in order if roles.get(v) == "optimizer_state")
+  batch_ids = tuple(v for v in order if roles.get(v) == "batch")
+  forward_consumed = {v for op in live_ops if op.phase == "forward" for v in op.in_ids
+                      if v >= 0}
+  input_ids = tuple(v for v in order if v in forward_consumed and v not in produced
+                    and roles.get(v) not in ("param", "optimizer_state"))
+  output_ids = tuple(v for v in layer.output_ids
+                     if v in values and produced.get(v) == "forward")
+  residual_ids = tuple(
+      v for v in order if "backward" in consumers.get(v, ()) and
+      (produced.get(v) == "forward" or v in input_ids))
+  kept_ids = _kept(live_ops, residual_ids, set(param_ids) | set(roles))
+  grad_ids = tuple(v for v in order if produced.get(v) == "backward"
+                   and "optimizer" in consumers.get(v, ()))
+  grad_like = _grad_like(live_ops, set(grad_ids), produced)
+  param_labels = {l for v in param_ids for l in values[v].labels if l >= 0}
+  boundary_labels = {l for v in (*input_ids, *output_ids) for l in values[v].labels if l >= 0}
+  cooccur = set()
+  for v in values.values():
+    labs = sorted({l for l in v.labels if l >= 0})
+    for a in range(len(labs)):
+      for b in range(a + 1, len(labs)):
+        cooccur.add((labs[a], labs[b]))
+  names = []
+  for lab in range(len(label_of)):
+    prefix = "b" if lab in batch_labels else ("p" if lab in param_labels else "a")
+    names.append(f"{prefix}{lab}")
+  return LayerIR(
+      layer=layer, values=values, ops=tuple(ops), num_labels=len(label_of),
+      label_names=tuple(names), batch_labels=frozenset(batch_labels),
+      param_labels=frozenset(param_labels), boundary_labels=frozenset(boundary_labels),
+      cooccur=frozenset(cooccur), param_ids=param_ids, opt_state_ids=opt_state_ids,
+      batch_ids=batch_ids, input_ids=input_ids, output_ids=output_ids,
+      residual_ids=residual_ids, kept_ids=kept_ids, grad_ids=grad_ids, grad_like_ids=grad_like,
+      fused_ids=_fused(live_ops, layer.output_ids), readers=_readers(live_ops),
+      constant_ids=_constants(live_ops), scale=scale)
+
+
+# Elementwise primitives XLA's fusion duplicates freely into their readers (cheap;
+# transcendental ones like exp and tanh are not duplicated, so their results are kept).
+_CHEAP = frozenset({
+    "add", "add_any", "sub", "mul", "neg", "max", "min", "select_n", "convert_element_type",
+    "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "abs", "sign", "integer_pow",
+    "square", "copy", "copy_p", "broadcast_in_dim", "reshape", "squeeze", "transpose",
+    "expand_dims", "clamp"})
+
+
+def _kept(ops: Sequence[graph_lib.Op], residuals: Sequence[int],
+          inputs: set[int]) -> tuple[int, ...]:
+  """The values stored for the backward pass (see LayerIR.kept_ids).
+
+  A residual made by a cheap elementwise op from values that are stored anyway (or
+  are parameters, inputs, constants) is recomputed inside the backward fusion that
+  reads it; dropping it never adds memory. Latest residuals are tried first, so a
+  chain of such ops collapses onto the value it starts from.
+  """
+  producer = {v: op for op in ops if op.phase == "forward" for v in op.out_ids}
+  kept = set(residuals)
+  order = {v: i for i, v in enumerate(producer)}
+  changed = True
+  while changed:
+    changed = False
+    for v in sorted(kept, key=lambda v: -order.get(v, -1)):
+      op = producer.get(v)
+      if op is None or op.primitive not in _CHEAP:
+        continue
+      sources = [i for i in op.in_ids if i >= 0]
+      if all(i in kept or i in inputs or i not in producer for i in sources):
+        kept.discard(v)
+        changed = True
+  return tuple(v for v in residuals if v in kept)
+
+
+def _constants(ops: Sequence[graph_lib.Op]) -> frozenset[int]:
+  """Values computed from literals and inputs-free ops alone."""
+  const: set[int] = set()
+  for op in ops:
+    if op.phase == "forward" and all(v < 0 or v in const for v in op.in_ids):
+      const.update(v for v in op.out_ids if v >= 0)
+  return frozenset(const)
+
+
+_FUSIBLE = frozenset({"elementwise", "broadcast", "source", "reshape", "squeeze", "transpose"})
+
+
+def _readers(ops: Sequence[graph_lib.Op]) -> dict[int, int]:
+  """Value id -> number of ops of the layer that read it."""
+  readers: dict[int, int] = {}
+  for op in ops:
+    for v in set(op.in_ids):
+      if v >= 0:
+        readers[v] = readers.get(v, 0) + 1
+  return readers
+
+
+def _fused(ops: Sequence[graph_lib.Op], outputs: Sequence[int]) -> frozenset[int]:
+  readers = _readers(ops)
+  out = set(outputs)
+  return frozenset(v for op in ops if family_of(op) in _FUSIBLE for v in op.out_ids
+                   if readers.get(v, 0) == 1 and v not in out)
+
+
+# Ops through which a partial sum stays a partial sum of the same gradient.
+_LINEAR = frozenset({"add", "add_any", "sub", "neg", "convert_element_type", "reshape",
+                     "transpose", "copy", "copy_p", "squeeze", "mul", "div"})
+
+
+def _grad_like(ops: Sequence[graph_lib.Op], grads: set[int],
+               produced: Mapping[int, str]) -> frozenset[int]:
+  """Backward values whose every use leads, through linear ops, only to gradients.
+
+  Their partial sums can be accumulated over micro-batches and synchronised once per
+  step, as gradient synchronisation is.
+  """
+  users: dict[int, list[graph_lib.Op]] = {}
+  for op in ops:
+    for v in op.in_ids:
+      if v >= 0:
+        users.setdefault(v, []).append(op)
+  like = set(grads)
+  for op in reversed(ops):
+    if op.phase != "backward":
+      continue
+    for v in op.out_ids:
+      if v in like or v not in users:
+        continue
+      if all(u.primitive in _LINEAR and u.phase == "backward" and
+             all(o in like for o in u.out_ids) for u in users[v]):
+        like.add(v)
+  return frozenset(like)
+
+
+def rebind(ir: LayerIR, layer: graph_lib.Layer) -> dict[int, int]:
+  """Maps the value ids of `ir`'s layer to those of `layer`, a layer with its signature.
+
+  Identical layers are labelled and costed once; their candidates name values by
+  position, and this mapping finds the other layer's parameters and boundary values.
+  Raises:
+    ValueError: the layers' op sequences differ.
+  """
+  mine = ir.layer.ops
+  if len(mine) != len(layer.ops):
+    raise ValueError(f"Layers {ir.layer.name!r} and {layer.name!r} share a signature but "
+                     f"have {len(mine)} and {len(layer.ops)} ops.")
+  mapping: dict[int, int] = {}
+  for a, b in zip(mine, layer.ops):
+    if a.primitive != b.primitive or len(a.in_ids) != len(b.in_ids):
+      raise ValueError(f"Layers {ir.layer.name!r} and {layer.name!r} share a signature but "
+                       f"differ at {a.primitive!r} / {b.primitive!r}.")
+    for x, y in zip((*a.in_ids, *a.out_ids), (*b.in_ids, *b.out_ids)):
+      if x >= 0:
+        mapping[x] = y
+  return mapping
