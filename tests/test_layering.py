@@ -22,6 +22,7 @@ ALLOWED = {
     "solver": set(),
     "plans": {"cluster"},
     "search": {"graph", "cluster", "strategies", "cost", "solver", "plans"},
+    "baselines": {"graph", "cluster", "strategies", "cost", "solver", "plans", "search"},
     "apply": {"plans", "cluster", "hlo"},
     "auto": {"graph", "cluster", "strategies", "cost", "solver", "plans", "search", "apply"},
 }
