@@ -41,6 +41,7 @@ def _plan(**overrides):
       global_batch=32,
       batch_argnums=(1,),
       fingerprint="abc123",
+      leaf_shapes=((0, "blocks/0/kernel", (4, 8)), (1, "", (32, 4))),
   )
   kwargs.update(overrides)
   return plans.Plan(**kwargs)
@@ -54,6 +55,7 @@ def test_json_round_trip_is_exact():
   assert again.param_specs[0]["blocks"]["0"]["kernel"] == P(None, "tp")
   assert again.param_specs[0]["embed"]["embedding"] == P(("dp", "tp"), None)
   assert again.batch_specs[0] == P("dp", None)
+  assert again.leaf_shapes == ((0, "blocks/0/kernel", (4, 8)), (1, "", (32, 4)))
   assert again.predicted.collectives["all-reduce"] == 1e6
   assert again.predicted.collectives["all-gather"] == 0.0
 

@@ -129,6 +129,8 @@ class Plan:
     batch_argnums: which arguments of the step are batch.
     fingerprint: a hash of the traced program, so a plan applied to another model is
       caught.
+    leaf_shapes: (argument index, leaf path, shape) of every leaf the plan was made
+      for, so that applying it to another model names the first mismatching leaf.
   """
 
   mesh_axes: Mapping[str, int]
@@ -146,6 +148,7 @@ class Plan:
   global_batch: int
   batch_argnums: tuple[int, ...]
   fingerprint: str = ""
+  leaf_shapes: tuple[tuple[int, str, tuple[int, ...]], ...] = ()
 
   def __post_init__(self):
     for name, size in self.mesh_axes.items():
@@ -167,6 +170,9 @@ class Plan:
     object.__setattr__(self, "mesh_axes", {k: int(v) for k, v in self.mesh_axes.items()})
     object.__setattr__(self, "stages", [list(s) for s in self.stages])
     object.__setattr__(self, "leaf_specs", tuple(sorted(self.leaf_specs, key=lambda x: x[:2])))
+    object.__setattr__(self, "leaf_shapes", tuple(sorted(
+        ((int(a), str(p), tuple(int(d) for d in shape)) for a, p, shape in self.leaf_shapes),
+        key=lambda x: x[:2])))
 
   @property
   def num_devices(self) -> int:
@@ -204,6 +210,7 @@ class Plan:
         "global_batch": self.global_batch,
         "batch_argnums": list(self.batch_argnums),
         "fingerprint": self.fingerprint,
+        "leaf_shapes": [[a, p, list(shape)] for a, p, shape in self.leaf_shapes],
     }
     return json.dumps(payload, indent=1, sort_keys=True)
 
@@ -249,6 +256,7 @@ class Plan:
         global_batch=int(d["global_batch"]),
         batch_argnums=batch_argnums,
         fingerprint=d.get("fingerprint", ""),
+        leaf_shapes=tuple((a, p, tuple(shape)) for a, p, shape in d.get("leaf_shapes", ())),
     )
 
   def __eq__(self, other):

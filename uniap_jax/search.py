@@ -264,7 +264,7 @@ def plan_graph(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
     if progress is not None:
       progress(Progress(done=done, total=len(configs), config=config, status=status,
                         incumbent=best[0] if best else math.inf, bound=bound))
-    logger.info("%d/%d %s: %s (incumbent %s)", done, len(configs), config.describe(), status,
+    logger.debug("%d/%d %s: %s (incumbent %s)", done, len(configs), config.describe(), status,
                 best[0] if best else None)
   elapsed = time.perf_counter() - start
   if best is None:
@@ -332,7 +332,8 @@ def build_plan(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config
       batch_specs=tuple(trees[i] for i in batch_argnums), leaf_specs=tuple(leaf_specs),
       activation_specs=activation_specs, layers=tuple(layer_plans), predicted=predicted,
       solver=stats, cluster=cluster.name, global_batch=global_batch,
-      batch_argnums=tuple(batch_argnums), fingerprint=fingerprint(graph))
+      batch_argnums=tuple(batch_argnums), fingerprint=fingerprint(graph),
+      leaf_shapes=tuple((i.arg_index, i.path, i.info.shape) for i in graph.inputs))
 
 
 def fingerprint(graph: graph_lib.LayerGraph) -> str:

@@ -1,0 +1,65 @@
+"""Plans a zoo model on a cluster and prints the plan.
+
+  python -m experiments.plan --model=llama_7b --cluster=a100-40g-4x4 --global_batch=32 --out=plan.json
+"""
+
+import time
+
+from absl import app
+from absl import flags
+from rich.progress import Progress
+
+import uniap_jax as ua
+from experiments import models
+
+_MODEL = flags.DEFINE_enum("model", "gpt2", models.NAMES, "Zoo model to plan.")
+_SIZE = flags.DEFINE_enum("size", "paper", ["paper", "tiny"], "Model size.")
+_CLUSTER = flags.DEFINE_string(
+    "cluster", "a100-40g-2x8",
+    f"Cluster preset ({', '.join(ua.Cluster.presets())}) or a cluster JSON file.")
+_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 16, "Samples per step.")
+_PP = flags.DEFINE_integer("pp", None, "Pin the pipeline degree.")
+_MICROBATCHES = flags.DEFINE_integer("num_microbatches", None, "Pin the micro-batch count.")
+_SCHEDULE = flags.DEFINE_enum("schedule", None, ["gpipe", "1f1b"], "Pin the schedule.")
+_MEMORY = flags.DEFINE_float("memory_limit_gib", None, "Override the per-device memory limit.")
+_TIME_LIMIT = flags.DEFINE_float("time_limit_s", 300.0, "Budget of the whole search, seconds.")
+_OUT = flags.DEFINE_string("out", None, "Write the plan as JSON to this file.")
+
+
+def _cluster(text: str) -> ua.Cluster:
+  if text.endswith(".json"):
+    return ua.Cluster.from_json(text)
+  return ua.Cluster.preset(text)
+
+
+def main(argv):
+  del argv
+  cluster = _cluster(_CLUSTER.value)
+  model = models.create(_MODEL.value, _SIZE.value, shape_only=True)
+  optimizer = models.create_optimizer(model)
+  batch = models.example_batch(_MODEL.value, _SIZE.value, _GLOBAL_BATCH.value, shape_only=True)
+  start = time.perf_counter()
+  with Progress(transient=True) as bar:
+    task = bar.add_task("configurations", total=None)
+
+    def report(p):
+      best = "-" if p.incumbent == float("inf") else f"{p.incumbent * 1e3:.2f} ms"
+      bar.update(task, total=p.total, completed=p.done,
+                 description=f"{p.config.describe()} {p.status}, best {best}")
+
+    plan = ua.plan(
+        models.train_step(_MODEL.value), model, optimizer, batch, cluster=cluster,
+        pp=_PP.value, num_microbatches=_MICROBATCHES.value, schedule=_SCHEDULE.value,
+        memory_limit_bytes=_MEMORY.value * 2**30 if _MEMORY.value else None,
+        time_limit_s=_TIME_LIMIT.value, progress=report)
+  print(f"{_MODEL.value} ({_SIZE.value}) on {cluster.name}, planned in "
+        f"{time.perf_counter() - start:.1f} s (tracing included)")
+  print(plan.summary())
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      f.write(plan.to_json())
+    print(f"plan written to {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
