@@ -1,0 +1,547 @@
+"""Exact dynamic program for chains: every edge joins neighbours in the layer order.
+
+Why it is exact. Fix the stage boundaries and the candidates of the layers next to them
+(they decide the send times o_j). The objective sum_i p_i + sum_j o_j + (c - 1) max(p, o)
+does not decrease when any p_i grows, and stage i's inner candidates touch nothing but
+p_i and stage i's memory. So each stage may take, independently, its fastest inner
+candidates within the memory limit: P_i(a, b, alpha, beta) = least time of a stage on
+layers [a, b) whose first layer takes alpha and last takes beta. A label-setting sweep
+computes it exactly for any resharding tables: labels (time, memory) per (alpha, beta),
+Pareto-pruned, grown one layer at a time. No order of candidates inside a run of equal
+blocks is assumed: with asymmetric resharding neither ascending nor descending order is
+optimal in general (tests/test_solver.py has an instance). For a bottleneck value T,
+G(T) = least sum_i p_i + sum_j o_j over assignments whose every p_i and o_j is at most
+T: a shortest path over (boundary, stage, candidate) through segments with P_i <= T.
+The optimum is min over T of G(T) + (c - 1) T, with T among the finitely many maxima
+assignments have; `_Search` finds it by branch and bound over intervals of T, using that
+an assignment with max in [lo, hi] costs at least G(hi) + (c - 1) lo, and that
+evaluating G at T settles [max of its argmin, T].
+
+Why it is fast. Identical layers (equal time and memory tables, and equal tables on the
+edge from the previous layer) make equal sweep steps, so sweeps from different start
+layers share a trie keyed by the sequence of layer kinds: a run of N equal blocks costs
+N sweep steps per kind of start, not N^2 / 2. The first stage needs no alpha (nothing
+enters it) and the last no beta (nothing leaves it): their labels carry one candidate,
+and the last stage is swept backwards from the final layer. Labels that cannot be part
+of an assignment better than the upper bound are dropped (any assignment costs at least
+c * p of a stage plus the fastest time of every layer outside it; a single stage must
+also fit the remaining layers, bounded by Lagrangian relaxation of their memory). Upper
+bounds come first from cheap restrictions: shortest paths of time + w * memory pick one
+candidate per layer for a range of w, and the DP over the union of those candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time as time_lib
+from typing import NamedTuple
+
+import numpy as np
+
+from uniap_jax.solver import _tables
+
+# Relative slack in comparisons against the upper bound, so that float rounding never
+# drops the assignment that attains it.
+_REL_TOL = 1e-12
+
+
+class Timeout(Exception):
+  """Raised inside the DP when its deadline passes."""
+
+
+class _Labels(NamedTuple):
+  grp: np.ndarray  # alpha * kmax + last candidate, or the last candidate alone
+  time: np.ndarray
+  mem: np.ndarray
+  parent: np.ndarray  # index into the previous step's labels, -1 for the first layer
+  cand: np.ndarray  # candidate of the layer this step added
+
+  def __len__(self):
+    return len(self.time)
+
+
+def _pareto(grp, time, mem, parent, cand) -> _Labels:
+  """Labels not dominated in (time, memory) within their group, sorted by (group, memory)."""
+  if len(time) == 0:
+    return _Labels(grp, time, mem, parent, cand)
+  order = np.lexsort((time, mem, grp))
+  g = grp[order]
+  _, rank = np.unique(time[order], return_inverse=True)
+  span = np.int64(rank.max() + 1)
+  # Ranks offset so that each later group lies below every earlier one: one running
+  # minimum then restarts at every group, and a label stays when it beats the group's
+  # earlier (less memory) labels strictly.
+  key = rank.astype(np.int64) + (np.int64(g.max()) - g.astype(np.int64)) * span
+  running = np.minimum.accumulate(key)
+  keep = np.ones(len(key), dtype=bool)
+  keep[1:] = key[1:] < running[:-1]
+  idx = order[keep]
+  return _Labels(grp[idx], time[idx], mem[idx], parent[idx], cand[idx])
+
+
+def _group_last(labels: _Labels) -> np.ndarray:
+  """Index of the fastest label of each group (the last one, given the sort order)."""
+  if len(labels) == 0:
+    return np.zeros(0, dtype=np.int64)
+  return np.flatnonzero(np.r_[labels.grp[1:] != labels.grp[:-1], True])
+
+
+@dataclasses.dataclass
+class _Node:
+  labels: _Labels
+  parent: int
+  fastest: np.ndarray  # [kmax, kmax] least time per (alpha, beta)
+  fastest_label: np.ndarray  # [kmax, kmax] label index attaining it, -1 if none
+
+
+class ChainDP:
+  """The DP over one chain Problem (as Tables). See the module docstring."""
+
+  def __init__(self, tables: _tables.Tables, *, upper_bound: float, deadline: float):
+    self.tables = tables
+    self.n, self.num_stages = tables.n, tables.num_stages
+    self.c = tables.num_microbatches
+    self.kmax = tables.kmax
+    self.deadline = deadline
+    self.upper_bound = upper_bound
+    fastest = tables.time.min(axis=1)
+    self.fastest_prefix = np.concatenate([[0.0], np.cumsum(fastest)])
+    self.total_fastest = float(self.fastest_prefix[-1])
+    # Drop a stage on [a, b) with time p when c * p - fastest(a, b) exceeds this.
+    self.key_limit = upper_bound * (1 + _REL_TOL) - self.total_fastest
+    # Stage -> memory table index (equal tables are shared).
+    table_ids = {}
+    self.stage_table = []
+    for i in range(self.num_stages):
+      self.stage_table.append(table_ids.setdefault(tables.memory[i].tobytes(), len(table_ids)))
+    # Layer kinds and in-segment edge kinds for the trie.
+    kinds = {}
+    self.layer_kind = [
+        kinds.setdefault((tables.time[u].tobytes(), tables.memory[:, u].tobytes()), len(kinds))
+        for u in range(self.n)]
+    edge_kinds = {}
+    self.edge_kind = [
+        edge_kinds.setdefault(tables.chain_same[u].tobytes(), len(edge_kinds))
+        for u in range(self.n - 1)]
+
+  # ---- sweeps -------------------------------------------------------------------------
+
+  def _check_deadline(self):
+    if time_lib.perf_counter() > self.deadline:
+      raise Timeout
+
+  def _ok(self, time, mem, fastest_sum, lookahead):
+    """Which labels may still be part of an assignment better than the upper bound."""
+    tables = self.tables
+    ok = np.isfinite(time) & (mem <= tables.budget)
+    ok &= self.c * time - fastest_sum <= self.key_limit
+    if lookahead is not None:  # the stage must still take every layer up to the end
+      rest_mem, weights, rest_value = lookahead
+      ok &= mem + rest_mem <= tables.budget
+      # Lagrangian bound on the rest's time within the memory left: for any weight w,
+      # rest time >= sum_u min_k (t + w m) - w * (memory left).
+      left = np.where(mem <= tables.budget, np.minimum(tables.budget - mem, 1e300), 0.0)
+      rest_time = (rest_value[None, :] - left[:, None] * weights[None, :]).max(axis=1)
+      ok &= self.c * (time + rest_time) <= self.upper_bound * (1 + _REL_TOL)
+    return ok
+
+  def _seed(self, u, stage, with_alpha, lookahead=None) -> _Labels:
+    memory = self.tables.memory[stage, u]
+    time = self.tables.time[u]
+    cand = np.arange(self.kmax)
+    ok = self._ok(time, memory, self.fastest_prefix[u + 1] - self.fastest_prefix[u], lookahead)
+    cand = cand[ok]
+    grp = cand * self.kmax + cand if with_alpha else cand.copy()
+    return _Labels(grp, time[cand], memory[cand], np.full(len(cand), -1), cand)
+
+  def _extend(self, labels: _Labels, u, stage, backward, fastest_sum, lookahead=None) -> _Labels:
+    """Labels with layer u added after (or, backward, before) the labels' layers."""
+    self._check_deadline()
+    kmax = self.kmax
+    if len(labels) == 0:
+      return labels
+    last = labels.grp % kmax
+    if backward:
+      add = self.tables.chain_same[u][:, last].T  # edge u -> u + 1, indexed [new][last]
+    else:
+      add = self.tables.chain_same[u - 1][last, :]  # edge u - 1 -> u, indexed [last][new]
+    time = (labels.time[:, None] + add + self.tables.time[u][None, :]).ravel()
+    mem = (labels.mem[:, None] + self.tables.memory[stage, u][None, :]).ravel()
+    new = np.arange(kmax)
+    grp = ((labels.grp - last)[:, None] + new[None, :]).ravel()
+    parent = np.repeat(np.arange(len(labels)), kmax)
+    cand = np.tile(new, len(labels))
+    ok = self._ok(time, mem, fastest_sum, lookahead)
+    return _pareto(grp[ok], time[ok], mem[ok], parent[ok], cand[ok])
+
+  def _sweep_first(self, length, lookahead):
+    """Labels of stage 0 on [0, b) for b = 1..length, grouped by the last candidate."""
+    stage = 0
+    la = self._lookahead(stage, 0) if lookahead else None
+    steps = [self._seed(0, stage, False, la)]
+    for u in range(1, length):
+      la = self._lookahead(stage, u) if lookahead else None
+      steps.append(self._extend(steps[-1], u, stage, False, self.fastest_prefix[u + 1], la))
+      if len(steps[-1]) == 0:
+        break
+    return steps
+
+  def _lookahead(self, stage, u):
+    """(least memory, weights w, sum_u min_k (t + w m)) of the layers after u."""
+    rest = slice(u + 1, self.n)
+    time, memory = self.tables.time[rest], self.tables.memory[stage, rest]
+    weights = np.zeros(1)
+    finite = np.isfinite(time)
+    if np.isfinite(self.tables.budget) and finite.any() and np.ptp(memory[finite]) > 0:
+      scale = np.ptp(time[finite]) / np.ptp(memory[finite])
+      weights = np.concatenate([[0.0], scale * 2.0 ** np.arange(-12, 13)])
+    finite &= np.isfinite(memory)
+    cost = np.where(finite[None], time[None] + weights[:, None, None] * np.where(finite, memory, 0)[None], np.inf)
+    value = cost.min(axis=2).sum(axis=1)
+    return float(memory.min(axis=1).sum()), weights, value
+
+  def _sweep_last(self, length):
+    """Labels of the last stage on [a, n) for n - a = 1..length, grouped by the first."""
+    stage, n = self.num_stages - 1, self.n
+    steps = [self._seed(n - 1, stage, False)]
+    for u in range(n - 2, n - 1 - length, -1):
+      fastest = self.fastest_prefix[n] - self.fastest_prefix[u]
+      steps.append(self._extend(steps[-1], u, stage, True, fastest))
+      if len(steps[-1]) == 0:
+        break
+    return steps
+
+  def _middle(self, table, stages):
+    """Least times of middle stages using memory table `table`, for all segments.
+
+    Returns (fastest [A, Lmax, kmax, kmax], node ids [A, Lmax], first start a0, nodes).
+    """
+    n, num_stages, kmax = self.n, self.num_stages, self.kmax
+    stage = stages[0]
+    a0 = min(stages)
+    a1 = n - num_stages + max(stages)  # last possible start
+    lmax = n - num_stages + 1
+    count = a1 - a0 + 1
+    fastest = np.full((count, lmax, kmax, kmax), np.inf)
+    node_of = np.full((count, lmax), -1, dtype=np.int64)
+    nodes: list[_Node] = []
+    children: dict[tuple[int, object], int] = {}
+
+    def make(labels, parent):
+      best = np.full(kmax * kmax, np.inf)
+      best_label = np.full(kmax * kmax, -1, dtype=np.int64)
+      idx = _group_last(labels)
+      best[labels.grp[idx]] = labels.time[idx]
+      best_label[labels.grp[idx]] = idx
+      nodes.append(_Node(labels, parent, best.reshape(kmax, kmax), best_label.reshape(kmax, kmax)))
+      return len(nodes) - 1
+
+    for a in range(a0, a1 + 1):
+      key = (-1, self.layer_kind[a])
+      if key not in children:
+        children[key] = make(self._seed(a, stage, True), -1)
+      node = children[key]
+      end_max = min(n - num_stages + max(stages) + 1, n - 1)  # leave the last stage a layer
+      for length in range(1, min(lmax, end_max - a) + 1):
+        if length > 1:
+          u = a + length - 1
+          key = (node, (self.edge_kind[u - 1], self.layer_kind[u]))
+          if key not in children:
+            fastest_sum = self.fastest_prefix[u + 1] - self.fastest_prefix[a]
+            children[key] = make(self._extend(nodes[node].labels, u, stage, False, fastest_sum), node)
+          node = children[key]
+        if len(nodes[node].labels) == 0:
+          break
+        fastest[a - a0, length - 1] = nodes[node].fastest
+        node_of[a - a0, length - 1] = node
+    return fastest, node_of, a0, nodes
+
+  # ---- assembling --------------------------------------------------------------------
+
+  def prepare(self):
+    """Runs the sweeps and lays out the segment tables used by `g`."""
+    n, num_stages, kmax = self.n, self.num_stages, self.kmax
+    lmax = n - num_stages + 1
+    self.first = self._sweep_first(lmax, lookahead=num_stages == 1)
+    self.p_first = np.full((n + 1, kmax), np.inf)  # [end b, beta]
+    for s, labels in enumerate(self.first):
+      idx = _group_last(labels)
+      self.p_first[s + 1, labels.grp[idx]] = labels.time[idx]
+    if num_stages == 1:
+      return
+    self.last = self._sweep_last(lmax)
+    self.p_last = np.full((n + 1, kmax), np.inf)  # [start a, alpha]
+    for s, labels in enumerate(self.last):
+      idx = _group_last(labels)
+      self.p_last[n - 1 - s, labels.grp[idx]] = labels.time[idx]
+    self.cross = np.zeros((n + 1, kmax, kmax))  # [cut b, beta, alpha]
+    self.cross[1:n] = self.tables.chain_cross
+    self.middle = {}
+    groups: dict[int, list[int]] = {}
+    for i in range(1, num_stages - 1):
+      groups.setdefault(self.stage_table[i], []).append(i)
+    for table, stages in groups.items():
+      self.middle[table] = self._middle(table, stages)
+
+  def g(self, limit: float):
+    """G(limit) and its argmin as (stages, choice, G, max of its p and o), or None."""
+    n, num_stages, kmax = self.n, self.num_stages, self.kmax
+    inf = np.inf
+    p_first = np.where(self.p_first <= limit, self.p_first, inf)
+    if num_stages == 1:
+      beta = int(np.argmin(p_first[n]))
+      if not np.isfinite(p_first[n, beta]):
+        return None
+      value = float(p_first[n, beta])
+      return self._assemble([(0, n, -1, beta)]) + (value, value)
+    cross = np.where(self.cross <= limit, self.cross, inf)
+    p_last = np.where(self.p_last <= limit, self.p_last, inf)
+    values = [p_first]  # values[i][b, beta]: stages 0..i end at b with beta
+    entries = []  # entries[i][b, alpha]: stage i + 1 starts at b with alpha
+    masked = {}
+    for i in range(1, num_stages - 1):
+      self._check_deadline()
+      entry = np.min(values[-1][:, :, None] + cross, axis=1)
+      entries.append(entry)
+      table = self.stage_table[i]
+      fastest, _, a0, _ = self.middle[table]
+      if table not in masked:
+        seg = np.where(fastest <= limit, fastest, inf)
+        usable = np.flatnonzero(np.isfinite(seg).any(axis=(0, 2, 3)))
+        masked[table] = seg[:, :usable[-1] + 1 if usable.size else 1]  # drop too-long segments
+      seg = masked[table]
+      lo, hi = i, n - num_stages + i  # starts of stage i; its end is at most hi + 1
+      starts = np.arange(lo, hi + 1)
+      # best[a, length - 1, beta] = min over alpha of entry + segment time.
+      best = (entry[lo:hi + 1, :, None, None] + seg[lo - a0:hi - a0 + 1].transpose(0, 2, 1, 3)).min(axis=1)
+      ends = starts[:, None] + np.arange(1, seg.shape[1] + 1)[None, :]
+      valid = ends <= hi + 1
+      spread = np.full((len(starts), n + 1, kmax), inf)  # [start, end, beta]
+      rows = np.broadcast_to(np.arange(len(starts))[:, None], ends.shape)
+      spread[rows[valid], ends[valid]] = best[valid]
+      values.append(spread.min(axis=0))
+    entry = np.min(values[-1][:, :, None] + cross, axis=1)
+    entries.append(entry)
+    total = entry + p_last  # [b, alpha]
+    flat = int(np.argmin(total))
+    b, alpha = divmod(flat, kmax)
+    if not np.isfinite(total[b, alpha]):
+      return None
+    # Walk back through the stages, collecting the stage and send times used.
+    value = float(total[b, alpha])
+    used = [p_last[b, alpha]]
+    segments = [(b, n, alpha, -1)]
+    for i in range(num_stages - 2, -1, -1):
+      beta = int(np.argmin(values[i][b] + cross[b, :, alpha]))
+      used.append(cross[b, beta, alpha])
+      if i == 0:
+        used.append(p_first[b, beta])
+        segments.append((0, b, -1, beta))
+        break
+      table = self.stage_table[i]
+      _, _, a0, _ = self.middle[table]
+      seg = masked[table]
+      starts = np.arange(i, b)
+      lengths = b - starts
+      ok = lengths <= seg.shape[1]
+      starts, lengths = starts[ok], lengths[ok]
+      cand = entries[i - 1][starts, :] + seg[starts - a0, lengths - 1, :, beta]
+      flat = int(np.argmin(cand))
+      row, alpha_i = divmod(flat, kmax)
+      used.append(seg[starts[row] - a0, lengths[row] - 1, alpha_i, beta])
+      segments.append((int(starts[row]), b, int(alpha_i), beta))
+      b, alpha = int(starts[row]), int(alpha_i)
+    segments.reverse()
+    return self._assemble(segments) + (value, float(max(used)))
+
+  def _assemble(self, segments):
+    """Stage and candidate per layer from (start, end, alpha, beta) per stage."""
+    n, kmax = self.n, self.kmax
+    stages = np.zeros(n, dtype=np.int64)
+    choice = np.zeros(n, dtype=np.int64)
+    last_stage = len(segments) - 1
+    for i, (a, b, alpha, beta) in enumerate(segments):
+      stages[a:b] = i
+      if i == 0:
+        steps = self.first
+        s = b - 1
+        labels = steps[s]
+        j = _group_last(labels)[np.searchsorted(labels.grp[_group_last(labels)], beta)]
+        for u in range(b - 1, -1, -1):
+          labels = steps[u]
+          choice[u] = labels.cand[j]
+          j = labels.parent[j]
+      elif i == last_stage:
+        steps = self.last
+        s = n - 1 - a
+        labels = steps[s]
+        j = _group_last(labels)[np.searchsorted(labels.grp[_group_last(labels)], alpha)]
+        for u in range(a, n):
+          labels = steps[n - 1 - u]
+          choice[u] = labels.cand[j]
+          j = labels.parent[j]
+      else:
+        table = self.stage_table[i]
+        _, node_of, a0, nodes = self.middle[table]
+        node = int(node_of[a - a0, b - a - 1])
+        j = int(nodes[node].fastest_label[alpha, beta])
+        for u in range(b - 1, a - 1, -1):
+          labels = nodes[node].labels
+          choice[u] = labels.cand[j]
+          j = labels.parent[j]
+          node = nodes[node].parent
+    return stages, choice
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+  """The DP's answer. `stages`/`choice` are None when nothing beat the upper bound."""
+
+  objective: float
+  stages: np.ndarray | None
+  choice: np.ndarray | None
+  bound: float
+  timed_out: bool
+  evaluations: int
+
+
+def solve_chain(tables: _tables.Tables, *, upper_bound: float = np.inf, incumbent=None,
+                deadline: float = np.inf, heuristics: bool = True) -> Result:
+  """Exact optimum of a chain `tables` (its skip edges, if any, are ignored).
+
+  Args:
+    tables: the problem.
+    upper_bound: only assignments with a smaller objective are sought.
+    incumbent: (stages, choice) attaining upper_bound, returned if nothing beats it.
+    deadline: time.perf_counter() value after which the search stops.
+    heuristics: first solve a few one-candidate-per-layer restrictions (cheap) for an
+      upper bound that prunes the sweeps.
+  Returns:
+    The best assignment found (choice in `tables`' candidate indices), a proven lower
+    bound on the chain's optimum (at least upper_bound when nothing beat it), and
+    whether time ran out.
+  """
+  relaxed = tables.chain_relaxation()
+  search = _Search(relaxed, upper_bound, incumbent)
+  try:
+    if heuristics and int(relaxed.num_candidates.max()) > 1:
+      # Upper bounds, cheap first: one candidate per layer along the time-memory
+      # trade-off, then the exact optimum over the union of those candidates.
+      choices = _trade_off_choices(relaxed)
+      # Every other selection (and the leanest) alone: the union below needs them all,
+      # but one-candidate solves of neighbouring weights mostly repeat each other.
+      for keep in choices[::2] + choices[-1:]:
+        sub = relaxed.restrict([np.array([k]) for k in keep])
+        result = solve_chain(sub, upper_bound=search.best[0], deadline=deadline, heuristics=False)
+        if result.choice is not None:
+          search.offer(result.objective, result.stages, np.asarray(keep))
+      union = [np.unique([keep[u] for keep in choices]) for u in range(relaxed.n)]
+      if 1 < max(len(k) for k in union) and any(len(k) < c for k, c in zip(union, relaxed.num_candidates)):
+        sub = relaxed.restrict(union)
+        result = solve_chain(sub, upper_bound=search.best[0], deadline=deadline, heuristics=False)
+        if result.choice is not None:
+          choice = np.array([union[u][k] for u, k in enumerate(result.choice)])
+          search.offer(result.objective, result.stages, choice)
+    dp = ChainDP(relaxed, upper_bound=search.best[0], deadline=deadline)
+    dp.prepare()
+    search.run(dp)
+  except Timeout:
+    search.timed_out = True
+  objective, solution = search.best
+  bound = search.lower_bound()
+  if solution is None:
+    return Result(objective=np.inf, stages=None, choice=None, bound=bound,
+                  timed_out=search.timed_out, evaluations=search.evaluations)
+  return Result(objective=objective, stages=solution[0], choice=solution[1], bound=bound,
+                timed_out=search.timed_out, evaluations=search.evaluations)
+
+
+class _Search:
+  """Branch and bound over the bottleneck value T (see the module docstring)."""
+
+  def __init__(self, tables, upper_bound, incumbent):
+    self.tables = tables
+    self.best = (upper_bound, incumbent)
+    self.c1 = tables.num_microbatches - 1
+    self.evaluations = 0
+    self.timed_out = False
+    # Unexplored bottleneck ranges as (lo, hi, least total there); None: not started.
+    self.intervals = None
+    self.trivial = _tables.trivial_bound(tables)
+
+  def offer(self, objective, stages, choice):
+    if objective < self.best[0]:
+      self.best = (objective, (stages, choice))
+
+  def lower_bound(self) -> float:
+    if self.intervals is None:
+      return min(self.trivial, self.best[0])
+    return min([self.best[0]] + [lo * self.c1 + total for lo, _, total in self.intervals])
+
+  def _evaluate(self, dp, limit):
+    self.evaluations += 1
+    found = dp.g(limit)
+    if found is None:
+      return None
+    stages, choice, total, peak = found
+    objective, _, _, _ = _tables.evaluate(self.tables, stages, choice)
+    self.offer(objective, stages, choice)
+    # The DP's own sums (not the evaluator's, which may round differently) keep peak
+    # <= limit, so the search always moves down.
+    return total, peak
+
+  def run(self, dp):
+    fastest = self.tables.time.min(axis=1)
+    peak_lo = max(float(fastest.max()), float(fastest.sum()) / self.tables.num_stages)
+    self.intervals = [(peak_lo, np.inf, 0.0)]
+    while self.intervals:
+      self.intervals.sort(key=lambda iv: iv[2] + self.c1 * iv[0])
+      lo, hi, total_lo = self.intervals[0]
+      if total_lo + self.c1 * lo >= self.best[0] * (1 - _REL_TOL):
+        self.intervals = []
+        break
+      if self.c1 > 0:
+        hi = min(hi, (self.best[0] - total_lo) / self.c1)
+      if hi < lo:
+        self.intervals.pop(0)
+        continue
+      found = self._evaluate(dp, hi)
+      self.intervals.pop(0)
+      if found is None:
+        continue
+      total, peak = found
+      if self.c1 > 0 and peak > lo:
+        self.intervals.append((lo, float(np.nextafter(peak, -np.inf)), total))
+
+
+def _trade_off_choices(tables: _tables.Tables) -> list[np.ndarray]:
+  """Candidate selections minimising time + resharding + w * memory along the chain.
+
+  One shortest path over (layer, candidate) per weight w, for w = 0 (fastest), a
+  geometric grid around the ratio of the layers' time and memory spreads, and w large
+  (leanest); memory is averaged over stages. These only seed upper bounds.
+  """
+  time = tables.time
+  memory = tables.memory.mean(axis=0)  # [n, kmax], inf for padding
+  finite = np.isfinite(time)
+  span_time = np.where(finite, time, -np.inf).max(axis=1) - time.min(axis=1)
+  span_memory = np.where(finite, memory, -np.inf).max(axis=1) - memory.min(axis=1)
+  scale = float(span_time.sum()) / max(float(span_memory.sum()), 1e-300)
+  weights = [0.0] + list(scale * 2.0 ** np.arange(-8, 9)) + [scale * 1e6]
+  memory = np.where(finite, memory, 0.0)
+  choices = []
+  for weight in weights:
+    cost = np.where(finite, time + weight * memory, np.inf)
+    best = cost[0]
+    back = np.zeros((tables.n, tables.kmax), dtype=np.int64)
+    for u in range(1, tables.n):
+      total = best[:, None] + tables.chain_same[u - 1]  # [previous, next]
+      back[u] = np.argmin(total, axis=0)
+      best = total[back[u], np.arange(tables.kmax)] + cost[u]
+    choice = np.zeros(tables.n, dtype=np.int64)
+    choice[-1] = int(np.argmin(best))
+    for u in range(tables.n - 1, 0, -1):
+      choice[u - 1] = back[u, choice[u]]
+    if not any(np.array_equal(choice, other) for other in choices):
+      choices.append(choice)
+  return choices

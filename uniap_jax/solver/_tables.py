@@ -1,0 +1,240 @@
+"""A Problem as dense arrays, with dominated candidates removed, plus memory bounds.
+
+Every method (chain DP, MIQP) works on `Tables`; answers are mapped back to the user's
+candidate indices through `Tables.candidates`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from uniap_jax.solver import _problem
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Tables:
+  """Dense arrays of one Problem. Padding candidates have infinite time and memory.
+
+  Attributes:
+    n, num_stages, num_microbatches: sizes.
+    budget: memory_limit * (1 + MEMORY_RTOL), the largest memory a stage may hold.
+    num_candidates: [n] candidates kept per layer.
+    candidates: per layer, the user's index of each kept candidate.
+    time: [n, kmax] seconds.
+    memory: [num_stages, n, kmax] bytes.
+    chain_same, chain_cross: [n - 1, kmax, kmax] tables of the edge u -> u + 1 (zeros
+      when there is none).
+    chain_edge: [n - 1] whether that edge exists.
+    skips: edges u -> v with v > u + 1, as (u, v, same [kmax, kmax], cross [kmax, kmax]).
+  """
+
+  n: int
+  num_stages: int
+  num_microbatches: int
+  budget: float
+  num_candidates: np.ndarray
+  candidates: tuple[np.ndarray, ...]
+  time: np.ndarray
+  memory: np.ndarray
+  chain_same: np.ndarray
+  chain_cross: np.ndarray
+  chain_edge: np.ndarray
+  skips: tuple[tuple[int, int, np.ndarray, np.ndarray], ...]
+
+  @property
+  def kmax(self) -> int:
+    return self.time.shape[1]
+
+  @property
+  def is_chain(self) -> bool:
+    return not self.skips
+
+  def restrict(self, keep: list[np.ndarray]) -> Tables:
+    """The same problem with layer u limited to its candidates keep[u] (indices here)."""
+    kmax = max(len(k) for k in keep)
+    n = self.n
+    num_candidates = np.array([len(k) for k in keep])
+    time = np.full((n, kmax), np.inf)
+    memory = np.full((self.num_stages, n, kmax), np.inf)
+    for u, k in enumerate(keep):
+      time[u, :len(k)] = self.time[u, k]
+      memory[:, u, :len(k)] = self.memory[:, u, k]
+
+    def sub(table, u, v):
+      out = np.zeros((kmax, kmax))
+      out[:len(keep[u]), :len(keep[v])] = table[np.ix_(keep[u], keep[v])]
+      return out
+
+    chain_same = np.zeros((max(n - 1, 0), kmax, kmax))
+    chain_cross = np.zeros_like(chain_same)
+    for u in range(n - 1):
+      chain_same[u] = sub(self.chain_same[u], u, u + 1)
+      chain_cross[u] = sub(self.chain_cross[u], u, u + 1)
+    skips = tuple((u, v, sub(same, u, v), sub(cross, u, v)) for u, v, same, cross in self.skips)
+    return dataclasses.replace(
+        self, num_candidates=num_candidates,
+        candidates=tuple(self.candidates[u][k] for u, k in enumerate(keep)),
+        time=time, memory=memory, chain_same=chain_same, chain_cross=chain_cross, skips=skips)
+
+  def chain_relaxation(self) -> Tables:
+    """The same problem without its skip edges: a chain whose optimum bounds this one's."""
+    return dataclasses.replace(self, skips=())
+
+
+def _incident(tables: Tables):
+  """Per layer, (table, is_source, other layer) of every incident edge table."""
+  incident = [[] for _ in range(tables.n)]
+  edges = [(u, u + 1, tables.chain_same[u], tables.chain_cross[u])
+           for u in range(tables.n - 1) if tables.chain_edge[u]]
+  for u, v, same, cross in edges + list(tables.skips):
+    for table in (same, cross):
+      incident[u].append((table, True, v))
+      incident[v].append((table, False, u))
+  return incident
+
+
+def _undominated(tables: Tables) -> list[np.ndarray]:
+  """Per layer, the candidates no other candidate dominates.
+
+  Candidate k' dominates k when its time, its memory on every stage (memory over the
+  budget counts as infinite) and every entry of every incident edge table are no larger;
+  between equal candidates the lower index stays. Replacing k by k' in any assignment
+  then raises no stage time, send time or memory, so removing k keeps an optimum.
+  Removal can expose more dominance through the edge tables, hence the loop.
+  """
+  memory = np.where(tables.memory <= tables.budget, tables.memory, np.inf)
+  incident = _incident(tables)
+  keep = [np.arange(k) for k in tables.num_candidates]
+  changed = True
+  while changed:
+    changed = False
+    for u in range(tables.n):
+      if len(keep[u]) == 1:
+        continue
+      fits = memory[:, u, keep[u]].T  # [candidates, stages]
+      columns = [tables.time[u][keep[u], None], fits]
+      for table, is_source, w in incident[u]:
+        if is_source:
+          columns.append(table[np.ix_(keep[u], keep[w])])
+        else:
+          columns.append(table[np.ix_(keep[w], keep[u])].T)
+      features = np.concatenate(columns, axis=1)  # [candidates, features]
+      le = np.all(features[:, None, :] <= features[None, :, :], axis=2)  # le[a, b]: a <= b
+      lt = np.any(features[:, None, :] < features[None, :, :], axis=2)
+      index = np.arange(len(keep[u]))
+      dominates = le & (lt | (index[:, None] < index[None, :]))
+      np.fill_diagonal(dominates, False)
+      drop = dominates.any(axis=0) | ~np.isfinite(fits).any(axis=1)
+      if drop.all():  # nothing fits anywhere: keep the undominated, memory decides later
+        drop = dominates.any(axis=0)
+      if drop.any():
+        keep[u] = keep[u][~drop]
+        changed = True
+  return keep
+
+
+def build(problem: _problem.Problem) -> Tables:
+  """Dense arrays of `problem`, every candidate kept."""
+  n, num_stages = len(problem.layers), problem.num_stages
+  counts = np.array([layer.num_candidates for layer in problem.layers])
+  kmax = int(counts.max())
+  time = np.full((n, kmax), np.inf)
+  memory = np.full((num_stages, n, kmax), np.inf)
+  for u, layer in enumerate(problem.layers):
+    time[u, :counts[u]] = layer.time
+    memory[:, u, :counts[u]] = np.asarray(problem.stage_memory_table(u))
+  chain_same = np.zeros((max(n - 1, 0), kmax, kmax))
+  chain_cross = np.zeros_like(chain_same)
+  chain_edge = np.zeros(max(n - 1, 0), dtype=bool)
+  position = {layer.name: u for u, layer in enumerate(problem.layers)}
+  skips = []
+  for edge in problem.edges:
+    u, v = position[edge.src], position[edge.dst]
+    same = np.zeros((kmax, kmax))
+    cross = np.zeros((kmax, kmax))
+    same[:counts[u], :counts[v]] = edge.same_stage
+    cross[:counts[u], :counts[v]] = edge.cross_stage
+    if v == u + 1:
+      chain_same[u], chain_cross[u], chain_edge[u] = same, cross, True
+    else:
+      skips.append((u, v, same, cross))
+  skips.sort(key=lambda s: (s[0], s[1]))
+  tables = Tables(
+      n=n, num_stages=num_stages, num_microbatches=problem.num_microbatches,
+      budget=problem.memory_limit * (1 + _problem.MEMORY_RTOL), num_candidates=counts,
+      candidates=tuple(np.arange(k) for k in counts), time=time, memory=memory,
+      chain_same=chain_same, chain_cross=chain_cross, chain_edge=chain_edge,
+      skips=tuple(skips))
+  return tables
+
+
+def prune(tables: Tables) -> Tables:
+  """`tables` without dominated candidates and candidates that fit on no stage."""
+  keep = _undominated(tables)
+  if all(len(k) == c for k, c in zip(keep, tables.num_candidates)):
+    return tables
+  return tables.restrict(keep)
+
+
+def min_peak_memory(tables: Tables) -> tuple[float, np.ndarray]:
+  """The least memory any assignment puts on its fullest stage, and that assignment's stages.
+
+  Memory does not depend on edges, so each layer takes its leanest candidate on its
+  stage, and a min-max partition DP over the layer order places the stage boundaries.
+  """
+  n, num_stages = tables.n, tables.num_stages
+  lean = tables.memory.min(axis=2)  # [stages, n]
+  prefix = np.concatenate([np.zeros((num_stages, 1)), np.cumsum(lean, axis=1)], axis=1)
+  best = np.full((num_stages, n + 1), np.inf)  # best[i, b]: stages 0..i hold layers [0, b)
+  arg = np.zeros((num_stages, n + 1), dtype=np.int64)
+  best[0, 1:] = prefix[0, 1:]
+  a = np.arange(n + 1)
+  for i in range(1, num_stages):
+    segment = prefix[i][None, :] - prefix[i][:, None]  # [a, b]
+    peak = np.maximum(best[i - 1][:, None], segment)
+    peak[a[:, None] >= a[None, :]] = np.inf
+    arg[i] = np.argmin(peak, axis=0)
+    best[i] = peak[arg[i], a]
+  stages = np.zeros(n, dtype=np.int64)
+  b = n
+  for i in range(num_stages - 1, 0, -1):
+    start = arg[i, b]
+    stages[start:b] = i
+    b = start
+  return float(best[num_stages - 1, n]), stages
+
+
+def leanest_choice(tables: Tables, stages: np.ndarray) -> np.ndarray:
+  """Per layer the candidate with least memory on its stage (ties: least time)."""
+  memory = tables.memory[stages, np.arange(tables.n)]  # [n, kmax]
+  order = np.lexsort((tables.time.T, memory.T), axis=0)
+  return order[0]
+
+
+def trivial_bound(tables: Tables) -> float:
+  """A lower bound on the objective from per-layer minimum times alone."""
+  fastest = tables.time.min(axis=1)
+  total = float(fastest.sum())
+  bottleneck = max(float(fastest.max()), total / tables.num_stages)
+  return total + (tables.num_microbatches - 1) * bottleneck
+
+
+def evaluate(tables: Tables, stages: np.ndarray, choice: np.ndarray):
+  """(objective, stage times, send times, stage memory) of an assignment of `tables`."""
+  num_stages = tables.num_stages
+  layers = np.arange(tables.n)
+  p = np.zeros(num_stages)
+  o = np.zeros(max(num_stages - 1, 0))
+  np.add.at(p, stages, tables.time[layers, choice])
+  memory = np.zeros(num_stages)
+  np.add.at(memory, stages, tables.memory[stages, layers, choice])
+  edges = [(u, u + 1, tables.chain_same[u], tables.chain_cross[u]) for u in range(tables.n - 1)]
+  for u, v, same, cross in edges + list(tables.skips):
+    if stages[u] == stages[v]:
+      p[stages[u]] += same[choice[u], choice[v]]
+    else:
+      o[stages[u]:stages[v]] += cross[choice[u], choice[v]]
+  objective = p.sum() + o.sum() + (tables.num_microbatches - 1) * max(p.max(), o.max(initial=0.0))
+  return float(objective), p, o, memory
