@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec
 SCHEMA_VERSION = 1
 SCHEDULES = ("gpipe", "1f1b")
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "send")
-# "heuristic": a baseline plan that no solver proved (uniap_jax.search baselines).
+# "heuristic": a baseline plan that no solver proved (uniap_jax.baselines).
 SOLVER_STATUSES = ("optimal", "time_limit", "heuristic")
 
 LeafSpec = tuple[int, str, PartitionSpec]  # (argument index, "/"-joined leaf path, spec)

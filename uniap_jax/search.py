@@ -152,11 +152,14 @@ def configurations(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
     raise ValueError(f"schedule={schedule!r}; allowed: {', '.join(cost.SCHEDULES)}.")
   out = []
   for degree in degrees:
-    schedules = [schedule] if schedule else (["gpipe"] if degree == 1 else list(cost.SCHEDULES))
     for mesh in strategies.mesh_shapes(cluster, n // degree):
       for c in counts:
         if degree > 1 and num_microbatches is None and c < degree:
           continue  # fewer micro-batches than stages leaves stages idle by construction
+        # One stage and one micro-batch: the schedules coincide. One stage and several
+        # micro-batches is gradient accumulation: "1f1b" keeps one micro-batch in flight.
+        schedules = [schedule] if schedule else (
+            ["gpipe"] if degree == 1 and c == 1 else list(cost.SCHEDULES))
         for sched in schedules:
           out.append(Config(num_stages=degree, mesh=mesh, num_microbatches=c, schedule=sched))
   if not out:
