@@ -9,6 +9,7 @@ import pytest
 
 from uniap_jax import solver
 from uniap_jax.solver import _miqp
+from uniap_jax.solver import _one_stage
 from uniap_jax.solver import _tables
 
 NUM_RANDOM = 300
@@ -106,6 +107,34 @@ def test_solve_matches_brute_force(seed):
     assert sol.gap == 0.0 and sol.bound == sol.objective
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_one_stage_dags_match_brute_force(seed):
+  # One stage: every edge is local and an exact DP handles any DAG with few pending edges.
+  rng = np.random.default_rng(1000 + seed)
+  n = int(rng.integers(3, 9))
+  counts = [int(rng.integers(1, 5)) for _ in range(n)]
+  while math.prod(counts) > 20_000:
+    counts[int(np.argmax(counts))] -= 1
+  layers = [solver.Layer(name=f"l{u}", time=rng.uniform(0.2, 2, k), memory=rng.uniform(1, 9, k))
+            for u, k in enumerate(counts)]
+  pairs = {(u, u + 1) for u in range(n - 1)} | {
+      (int(u), int(rng.integers(u + 2, n))) for u in rng.integers(0, n - 2, int(rng.integers(1, 6)))}
+  edges = [solver.Edge(src=f"l{u}", dst=f"l{v}", same_stage=rng.uniform(0, 1, (counts[u], counts[v])),
+                       cross_stage=np.zeros((counts[u], counts[v]))) for u, v in sorted(pairs)]
+  limit = sum(np.mean(l.memory) for l in layers) * rng.choice([0.5, 0.9, 1.2])
+  problem = solver.Problem(layers=layers, edges=edges, num_microbatches=int(rng.choice([1, 4])),
+                           memory_limit=float(limit))
+  reference = solver.brute_force(problem)
+  sol = solver.solve(problem)
+  assert sol.status == reference.status
+  if sol.status == "optimal":
+    assert sol.objective == pytest.approx(reference.objective, rel=1e-9)
+    assert independent_objective(problem, sol.choice, sol.stage) == (pytest.approx(sol.objective), True)
+    tables = _tables.prune(_tables.build(problem))
+    assert sol.method == ("one_stage_dp" if _one_stage.supported(tables) else "miqp") or (
+        sol.method == "chain_dp")  # the chain relaxation's bound can settle it first
+
+
 def test_random_problems_cover_the_cases():
   problems = [random_problem(seed) for seed in range(NUM_RANDOM)]
   statuses = [solver.brute_force(p).status for p in problems[:60]]
@@ -123,6 +152,18 @@ def test_brute_force_objective_is_independent():
     if reference.status == "optimal":
       assert independent_objective(problem, reference.choice, reference.stage) == (
           pytest.approx(reference.objective, rel=1e-12), True)
+
+
+def test_lower_bounds_are_valid():
+  # The bounds that prune the search never exceed the optimum (incumbent cutoffs rely on it).
+  for seed in range(60):
+    problem = random_problem(seed)
+    reference = solver.brute_force(problem)
+    if reference.status == "optimal":
+      tables = _tables.build(problem)
+      assert _tables.trivial_bound(tables) <= reference.objective * (1 + 1e-12)
+      at_optimum = solver.solve(problem, incumbent=reference.objective)
+      assert at_optimum.status == "cutoff" and at_optimum.bound <= reference.objective * (1 + 1e-9)
 
 
 def transformer_like(num_blocks, num_stages, num_microbatches, limit_factor, *, by_stage=False,

@@ -247,8 +247,9 @@ def plan_graph(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
       skipped += 1
       bound = lower_bound(tables)
     else:
+      problem = to_problem(tables)
       t0 = time.perf_counter()
-      sol = solver.solve(to_problem(tables), time_limit_s=remaining, incumbent=incumbent)
+      sol = solver.solve(problem, time_limit_s=remaining, incumbent=incumbent)
       dt = time.perf_counter() - t0
       solve_s += dt
       first_solve_s = dt if first_solve_s is None else first_solve_s

@@ -23,11 +23,14 @@ layers share a trie keyed by the sequence of layer kinds: a run of N equal block
 N sweep steps per kind of start, not N^2 / 2. The first stage needs no alpha (nothing
 enters it) and the last no beta (nothing leaves it): their labels carry one candidate,
 and the last stage is swept backwards from the final layer. Labels that cannot be part
-of an assignment better than the upper bound are dropped (any assignment costs at least
-c * p of a stage plus the fastest time of every layer outside it; a single stage must
-also fit the remaining layers, bounded by Lagrangian relaxation of their memory). Upper
-bounds come first from cheap restrictions: shortest paths of time + w * memory pick one
-candidate per layer for a range of w, and the DP over the union of those candidates.
+of an assignment better than the upper bound are dropped: any assignment costs at least
+c * p of a stage plus the time of every layer outside it, and at least (1 + (c - 1) / S)
+times the total time (the slowest stage takes at least its share); the first and last
+stages bound the time of the layers beyond them by a Lagrangian relaxation of the
+memory those can still get. Upper bounds come first from cheap restrictions: shortest
+paths of time + w * memory pick one candidate per layer for a range of w, and the DP
+over the union of those candidates. Dominated candidates are removed before (see
+`_tables.prune`).
 """
 
 from __future__ import annotations
@@ -107,8 +110,6 @@ class ChainDP:
     fastest = tables.time.min(axis=1)
     self.fastest_prefix = np.concatenate([[0.0], np.cumsum(fastest)])
     self.total_fastest = float(self.fastest_prefix[-1])
-    # Drop a stage on [a, b) with time p when c * p - fastest(a, b) exceeds this.
-    self.key_limit = upper_bound * (1 + _REL_TOL) - self.total_fastest
     # Stage -> memory table index (equal tables are shared).
     table_ids = {}
     self.stage_table = []
@@ -119,6 +120,7 @@ class ChainDP:
     self.layer_kind = [
         kinds.setdefault((tables.time[u].tobytes(), tables.memory[:, u].tobytes()), len(kinds))
         for u in range(self.n)]
+    self._rest_cache = {}
     edge_kinds = {}
     self.edge_kind = [
         edge_kinds.setdefault(tables.chain_same[u].tobytes(), len(edge_kinds))
@@ -130,31 +132,43 @@ class ChainDP:
     if time_lib.perf_counter() > self.deadline:
       raise Timeout
 
-  def _ok(self, time, mem, fastest_sum, lookahead):
-    """Which labels may still be part of an assignment better than the upper bound."""
+  def _ok(self, time, mem, fastest_sum, rest=None):
+    """Which labels may still be part of an assignment better than the upper bound.
+
+    Any assignment costs at least c * p of a stage plus the time of every layer outside
+    it. That time is at least their fastest candidates' (fastest_sum is the stage's
+    share of those), or, with `rest` = (rest, same_stage), a Lagrangian bound for the
+    layers on the far side of the label within the memory they can still get: what is
+    left on this stage plus, unless same_stage (one stage only), all other stages.
+    """
     tables = self.tables
     ok = np.isfinite(time) & (mem <= tables.budget)
-    ok &= self.c * time - fastest_sum <= self.key_limit
-    if lookahead is not None:  # the stage must still take every layer up to the end
-      rest_mem, weights, rest_value = lookahead
-      ok &= mem + rest_mem <= tables.budget
-      # Lagrangian bound on the rest's time within the memory left: for any weight w,
-      # rest time >= sum_u min_k (t + w m) - w * (memory left).
-      left = np.where(mem <= tables.budget, np.minimum(tables.budget - mem, 1e300), 0.0)
-      rest_time = (rest_value[None, :] - left[:, None] * weights[None, :]).max(axis=1)
-      ok &= self.c * (time + rest_time) <= self.upper_bound * (1 + _REL_TOL)
-    return ok
+    limit = self.upper_bound * (1 + _REL_TOL)
+    # The slowest stage also takes at least its share of all time: max >= total / S.
+    share = 1 + (self.c - 1) / self.num_stages
+    if rest is None:
+      outside = self.total_fastest - fastest_sum
+      return ok & (self.c * time + outside <= limit) & ((time + outside) * share <= limit)
+    bound, same_stage = rest
+    left = np.where(mem <= tables.budget, np.minimum(tables.budget - mem, 1e300), 0.0)
+    if not same_stage:
+      left = left + (self.num_stages - 1) * min(tables.budget, 1e300)
+    ok &= bound.lean <= left
+    rest_time = np.interp(left, bound.points, bound.envelope)
+    if same_stage:
+      return ok & (self.c * (time + rest_time) <= limit)
+    return ok & (self.c * time + rest_time <= limit) & ((time + rest_time) * share <= limit)
 
-  def _seed(self, u, stage, with_alpha, lookahead=None) -> _Labels:
+  def _seed(self, u, stage, with_alpha, rest=None) -> _Labels:
     memory = self.tables.memory[stage, u]
     time = self.tables.time[u]
     cand = np.arange(self.kmax)
-    ok = self._ok(time, memory, self.fastest_prefix[u + 1] - self.fastest_prefix[u], lookahead)
+    ok = self._ok(time, memory, self.fastest_prefix[u + 1] - self.fastest_prefix[u], rest)
     cand = cand[ok]
     grp = cand * self.kmax + cand if with_alpha else cand.copy()
     return _Labels(grp, time[cand], memory[cand], np.full(len(cand), -1), cand)
 
-  def _extend(self, labels: _Labels, u, stage, backward, fastest_sum, lookahead=None) -> _Labels:
+  def _extend(self, labels: _Labels, u, stage, backward, fastest_sum, rest=None) -> _Labels:
     """Labels with layer u added after (or, backward, before) the labels' layers."""
     self._check_deadline()
     kmax = self.kmax
@@ -171,42 +185,38 @@ class ChainDP:
     grp = ((labels.grp - last)[:, None] + new[None, :]).ravel()
     parent = np.repeat(np.arange(len(labels)), kmax)
     cand = np.tile(new, len(labels))
-    ok = self._ok(time, mem, fastest_sum, lookahead)
+    ok = self._ok(time, mem, fastest_sum, rest)
     return _pareto(grp[ok], time[ok], mem[ok], parent[ok], cand[ok])
 
-  def _sweep_first(self, length, lookahead):
+  def _sweep_first(self, length):
     """Labels of stage 0 on [0, b) for b = 1..length, grouped by the last candidate."""
-    stage = 0
-    la = self._lookahead(stage, 0) if lookahead else None
-    steps = [self._seed(0, stage, False, la)]
+    single = self.num_stages == 1  # then the stage must take every layer
+
+    def rest(u):
+      return (self._rest_bound(u + 1, self.n, 0 if single else None), single)
+
+    steps = [self._seed(0, 0, False, rest(0))]
     for u in range(1, length):
-      la = self._lookahead(stage, u) if lookahead else None
-      steps.append(self._extend(steps[-1], u, stage, False, self.fastest_prefix[u + 1], la))
+      steps.append(self._extend(steps[-1], u, 0, False, self.fastest_prefix[u + 1], rest(u)))
       if len(steps[-1]) == 0:
         break
     return steps
 
-  def _lookahead(self, stage, u):
-    """(least memory, weights w, sum_u min_k (t + w m)) of the layers after u."""
-    rest = slice(u + 1, self.n)
-    time, memory = self.tables.time[rest], self.tables.memory[stage, rest]
-    weights = np.zeros(1)
-    finite = np.isfinite(time)
-    if np.isfinite(self.tables.budget) and finite.any() and np.ptp(memory[finite]) > 0:
-      scale = np.ptp(time[finite]) / np.ptp(memory[finite])
-      weights = np.concatenate([[0.0], scale * 2.0 ** np.arange(-12, 13)])
-    finite &= np.isfinite(memory)
-    cost = np.where(finite[None], time[None] + weights[:, None, None] * np.where(finite, memory, 0)[None], np.inf)
-    value = cost.min(axis=2).sum(axis=1)
-    return float(memory.min(axis=1).sum()), weights, value
+  def _rest_bound(self, a, b, stage):
+    """`_tables.TimeBound` of layers [a, b) on stage `stage` (None: least over stages)."""
+    key = (a, b, stage)
+    if key not in self._rest_cache:
+      memory = self.tables.memory[stage, a:b] if stage is not None else self.tables.memory[:, a:b].min(axis=0)
+      self._rest_cache[key] = _tables.time_bound(self.tables.time[a:b], memory, self.tables.budget)
+    return self._rest_cache[key]
 
   def _sweep_last(self, length):
     """Labels of the last stage on [a, n) for n - a = 1..length, grouped by the first."""
     stage, n = self.num_stages - 1, self.n
-    steps = [self._seed(n - 1, stage, False)]
+    steps = [self._seed(n - 1, stage, False, (self._rest_bound(0, n - 1, None), False))]
     for u in range(n - 2, n - 1 - length, -1):
       fastest = self.fastest_prefix[n] - self.fastest_prefix[u]
-      steps.append(self._extend(steps[-1], u, stage, True, fastest))
+      steps.append(self._extend(steps[-1], u, stage, True, fastest, (self._rest_bound(0, u, None), False)))
       if len(steps[-1]) == 0:
         break
     return steps
@@ -262,7 +272,7 @@ class ChainDP:
     """Runs the sweeps and lays out the segment tables used by `g`."""
     n, num_stages, kmax = self.n, self.num_stages, self.kmax
     lmax = n - num_stages + 1
-    self.first = self._sweep_first(lmax, lookahead=num_stages == 1)
+    self.first = self._sweep_first(lmax)
     self.p_first = np.full((n + 1, kmax), np.inf)  # [end b, beta]
     for s, labels in enumerate(self.first):
       idx = _group_last(labels)

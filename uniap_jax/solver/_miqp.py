@@ -204,11 +204,13 @@ def solve_miqp(tables: _tables.Tables, *, warm=None, objective_lb: float = 0.0,
   status = model.getStatus()
   nodes = model.getNNodes()
   bound = model.getDualbound() * scale_t
+  # With an objective limit SCIP says "infeasible" when nothing beats it, even if it
+  # stored solutions that do not.
+  if status in ("infeasible", "inforunbd") or (model.getNSols() == 0 and status == "optimal"):
+    if not np.isfinite(cutoff):
+      raise RuntimeError("SCIP found no assignment although the leanest one fits; please report this.")
+    return Result(status="cutoff", stages=None, choice=None, bound=cutoff, nodes=nodes)
   if model.getNSols() == 0:
-    if status in ("infeasible", "optimal", "inforunbd"):
-      if not np.isfinite(cutoff):
-        raise RuntimeError("SCIP found no assignment although the leanest one fits; please report this.")
-      return Result(status="cutoff", stages=None, choice=None, bound=max(bound, cutoff), nodes=nodes)
     return Result(status="time_limit", stages=None, choice=None, bound=bound, nodes=nodes)
   sol = model.getBestSol()
   stages = np.zeros(n, dtype=np.int64)

@@ -180,7 +180,9 @@ class Problem:
     position = {}
     for u, layer in enumerate(layers):
       if layer.name in position:
-        raise ValueError(f"Layer name {layer.name!r} appears twice (positions {position[layer.name]} and {u}); names must be unique.")
+        raise ValueError(
+            f"Layer name {layer.name!r} appears twice (positions {position[layer.name]} "
+            f"and {u}); names must be unique.")
       position[layer.name] = u
       if layer.memory_by_stage is not None and len(layer.memory_by_stage) != num_stages:
         raise ValueError(
@@ -245,8 +247,9 @@ class Solution:
     time_s: wall-clock seconds spent in the call.
     bound: proven lower bound on the optimal objective.
     method: what decided the status: "chain_dp" (the exact chain DP; on a DAG, the
-      bound from its chain relaxation met the assignment), "miqp" (SCIP), "bound" (a
-      bound alone: infeasible or cutoff before any search), "brute_force".
+      bound from its chain relaxation met the assignment), "one_stage_dp" (the exact DP
+      for one stage), "miqp" (SCIP), "bound" (a bound alone: infeasible or cutoff
+      before any search), "brute_force".
     message: a readable reason for infeasible, cutoff and time_limit; empty otherwise.
     min_peak_memory: the least memory any assignment needs on its fullest stage (bytes).
     stage_times: p_i of the returned assignment, per stage.
@@ -291,7 +294,8 @@ def check_assignment(problem: Problem, choice: Mapping[str, int], stage: Mapping
   for layer in problem.layers:
     k = choice[layer.name]
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < layer.num_candidates:
-      raise ValueError(f"choice[{layer.name!r}]={k!r} is not a candidate index in [0, {layer.num_candidates}).")
+      raise ValueError(
+          f"choice[{layer.name!r}]={k!r} is not a candidate index in [0, {layer.num_candidates}).")
   stages = [stage[name] for name in names]
   for name, s in zip(names, stages):
     if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < problem.num_stages:

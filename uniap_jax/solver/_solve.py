@@ -8,6 +8,7 @@ import time as time_lib
 
 from uniap_jax.solver import _chain_dp
 from uniap_jax.solver import _miqp
+from uniap_jax.solver import _one_stage
 from uniap_jax.solver import _problem
 from uniap_jax.solver import _tables
 
@@ -16,6 +17,9 @@ logger = logging.getLogger(__name__)
 METHODS = ("auto", "dp", "miqp")
 # Relative tolerance under which a bound proves an objective optimal.
 _PROOF_RTOL = 1e-9
+# Objectives this close (relative) count as equal when compared with the incumbent:
+# different summation orders round differently.
+_TIE_RTOL = 1e-12
 
 
 def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
@@ -26,8 +30,11 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
   - Chains (every edge joins neighbours in the layer order), method "auto" or "dp":
     an exact dynamic program (see `_chain_dp`) returns a proven optimum; identical
     consecutive layers are shared, so long runs of equal blocks stay cheap.
-  - Other DAGs (skip edges), method "auto": SCIP solves the MIQP (see `_miqp`) and is
-    the solver of record. The chain DP, run on the problem without its skip edges,
+  - DAGs (skip edges) on one stage, method "auto": every edge is then local, and an
+    exact DP over the layer order that carries the candidates of layers with pending
+    edges (see `_one_stage`; at most three at once) returns a proven optimum.
+  - Other DAGs, method "auto": SCIP solves the MIQP (see `_miqp`) and is the solver
+    of record. The chain DP, run on the problem without its skip edges,
     gives SCIP its first solution and a valid bound (skip edges only add time, so the
     relaxation's optimum plus each skip edge's least cost bounds the objective). When
     that bound already meets the first solution, it is returned as optimal.
@@ -73,8 +80,16 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
     raise TypeError(f"incumbent must be a number (an objective) or None, got {incumbent!r}.")
   if method not in METHODS:
     raise ValueError(f"method={method!r} is not one of {METHODS}.")
+  position = {layer.name: u for u, layer in enumerate(problem.layers)}
+  skips = sum(position[e.dst] - position[e.src] > 1 for e in problem.edges)
+  if method == "dp" and skips:
+    raise ValueError(
+        f"method='dp' solves chains only, but this problem has {skips} edges between "
+        f"non-neighbouring layers. Use method='auto' or 'miqp'.")
   deadline = start + time_limit_s
   upper = math.inf if incumbent is None else float(incumbent)
+  # An assignment beats the incumbent when it is lower by more than float rounding.
+  beat = upper - abs(upper) * _TIE_RTOL if math.isfinite(upper) else upper
 
   raw = _tables.build(problem)
   peak, _ = _tables.min_peak_memory(raw)
@@ -110,14 +125,10 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
         f"No assignment fits memory_limit={problem.memory_limit:.6g}: the leanest needs "
         f"{peak:.6g} on its fullest stage ({peak / problem.memory_limit:.2f}x the limit). "
         f"Use more stages, leaner candidates, or a larger memory_limit."))
-  tables = _tables.prune(raw)
-  trivial = _tables.trivial_bound(tables)
-  if trivial >= upper:
+  trivial = _tables.trivial_bound(raw)
+  if trivial >= beat:
     return finish("cutoff", bound=trivial, method_used="bound", message=_cutoff_message(upper, trivial))
-  if method == "dp" and not tables.is_chain:
-    raise ValueError(
-        f"method='dp' solves chains only, but this problem has {len(tables.skips)} edges "
-        f"between non-neighbouring layers. Use method='auto' or 'miqp'.")
+  tables = _tables.prune(raw)
 
   # The leanest assignment (least peak memory) is feasible: every method starts from it,
   # so that even a time limit too short for anything else returns an assignment.
@@ -127,10 +138,10 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
   no_time = f"Time limit of {time_limit_s:g} s reached before any assignment beat incumbent={upper:.6g}."
 
   if tables.is_chain and method != "miqp":
-    if lean_objective < upper:
+    if lean_objective < beat:
       result = _chain_dp.solve_chain(tables, upper_bound=lean_objective, incumbent=lean, deadline=deadline)
     else:
-      result = _chain_dp.solve_chain(tables, upper_bound=upper, deadline=deadline)
+      result = _chain_dp.solve_chain(tables, upper_bound=beat, deadline=deadline)
     if result.choice is None:
       if result.timed_out:
         return finish("time_limit", bound=result.bound, method_used="chain_dp", message=no_time)
@@ -140,14 +151,27 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
     return finish("optimal" if proven else "time_limit", result.stages, result.choice,
                   bound=result.bound, method_used="chain_dp")
 
-  # SCIP. The DP on the chain relaxation gives the first solution and (method "auto") a
-  # bound: skip edges only add time, at least their cheapest entry each.
-  relaxed = _chain_dp.solve_chain(tables, upper_bound=upper, deadline=deadline)
-  warm, warm_objective = (lean, lean_objective) if lean_objective < upper else (None, math.inf)
+  # The DP on the chain relaxation gives the first solution and (method "auto") a bound:
+  # skip edges only add time, at least their cheapest entry each.
+  relaxed = _chain_dp.solve_chain(tables, upper_bound=beat, deadline=deadline)
+  warm, warm_objective = (lean, lean_objective) if lean_objective < beat else (None, math.inf)
   if relaxed.choice is not None:
     objective = _tables.evaluate(tables, relaxed.stages, relaxed.choice)[0]
-    if objective < warm_objective:
+    if objective < min(warm_objective, beat):
       warm, warm_objective = (relaxed.stages, relaxed.choice), objective
+
+  if method == "auto" and _one_stage.supported(tables):  # one stage: every edge is local
+    objective, found, timed_out = _one_stage.solve_one_stage(
+        tables, upper_bound=min(beat, warm_objective), incumbent=warm, deadline=deadline)
+    if timed_out:
+      if warm is not None:
+        return finish("time_limit", *warm, bound=trivial, method_used="one_stage_dp")
+      return finish("time_limit", bound=trivial, method_used="one_stage_dp", message=no_time)
+    if found is None:
+      return finish("cutoff", bound=upper, method_used="one_stage_dp", message=_cutoff_message(upper, upper))
+    return finish("optimal", *found, bound=objective, method_used="one_stage_dp")
+
+  # SCIP.
   objective_lb = trivial
   if method == "auto":
     skip_least = sum(float(min(same.min(), cross.min())) for _, _, same, cross in tables.skips)
@@ -163,7 +187,7 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
     return finish("time_limit", bound=objective_lb, method_used="chain_dp", message=no_time)
   result = _miqp.solve_miqp(
       tables, warm=warm, objective_lb=objective_lb if method == "auto" else 0.0,
-      peak_lb=float(tables.time.min(axis=1).max()), cutoff=upper, deadline=deadline)
+      peak_lb=float(tables.time.min(axis=1).max()), cutoff=beat, deadline=deadline)
   best, best_objective = warm, warm_objective
   if result.stages is not None:
     objective, _, _, memory = _tables.evaluate(tables, result.stages, result.choice)
@@ -173,7 +197,7 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
     elif objective <= best_objective:
       best, best_objective = (result.stages, result.choice), objective
   bound = max(result.bound, objective_lb)
-  if best is not None and best_objective >= upper:  # SCIP's objective limit is not strict
+  if best is not None and best_objective >= beat:  # SCIP's objective limit is not strict
     best = None
   if result.status == "cutoff" or (best is None and result.status == "optimal"):
     bound = max(bound, upper)

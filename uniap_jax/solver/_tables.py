@@ -7,6 +7,7 @@ candidate indices through `Tables.candidates`.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -107,6 +108,7 @@ def _undominated(tables: Tables) -> list[np.ndarray]:
   memory = np.where(tables.memory <= tables.budget, tables.memory, np.inf)
   incident = _incident(tables)
   keep = [np.arange(k) for k in tables.num_candidates]
+  verdicts = {}  # identical layers (same tables, same neighbours' candidates) agree
   changed = True
   while changed:
     changed = False
@@ -121,18 +123,28 @@ def _undominated(tables: Tables) -> list[np.ndarray]:
         else:
           columns.append(table[np.ix_(keep[w], keep[u])].T)
       features = np.concatenate(columns, axis=1)  # [candidates, features]
-      le = np.all(features[:, None, :] <= features[None, :, :], axis=2)  # le[a, b]: a <= b
-      lt = np.any(features[:, None, :] < features[None, :, :], axis=2)
-      index = np.arange(len(keep[u]))
-      dominates = le & (lt | (index[:, None] < index[None, :]))
-      np.fill_diagonal(dominates, False)
-      drop = dominates.any(axis=0) | ~np.isfinite(fits).any(axis=1)
-      if drop.all():  # nothing fits anywhere: keep the undominated, memory decides later
-        drop = dominates.any(axis=0)
+      key = (features.shape, features.tobytes())
+      if key not in verdicts:
+        verdicts[key] = _dominated(features, ~np.isfinite(fits).any(axis=1))
+      drop = verdicts[key]
       if drop.any():
         keep[u] = keep[u][~drop]
         changed = True
   return keep
+
+
+def _dominated(features: np.ndarray, unusable: np.ndarray) -> np.ndarray:
+  """Which rows another row dominates (<= everywhere; equal rows: the later), or unusable."""
+  dominated = np.zeros(len(features), dtype=bool)
+  for a in range(len(features)):  # row by row: K^2 features of memory at most at once
+    le = np.all(features[a][None, :] <= features, axis=1)
+    lt = np.any(features[a][None, :] < features, axis=1)
+    index = np.arange(len(features))
+    hit = le & (lt | (a < index))
+    hit[a] = False
+    dominated |= hit
+  drop = dominated | unusable
+  return dominated if drop.all() else drop  # nothing fits anywhere: memory decides later
 
 
 def build(problem: _problem.Problem) -> Tables:
@@ -213,10 +225,55 @@ def leanest_choice(tables: Tables, stages: np.ndarray) -> np.ndarray:
   return order[0]
 
 
+class TimeBound(NamedTuple):
+  """A lower bound on some layers' total time as a function B -> f(B) of their memory."""
+
+  lean: float  # least memory the layers need
+  points: np.ndarray  # memory budgets B, ascending, from 0
+  envelope: np.ndarray  # f at those points
+
+  def __call__(self, memory):
+    """f at `memory` (array): exact between the points, smaller (still a bound) below."""
+    return np.interp(memory, self.points, self.envelope)
+
+
+def time_bound(time: np.ndarray, memory: np.ndarray, budget: float) -> TimeBound:
+  """Lagrangian bound on the total time of layers with tables time, memory [layers, k].
+
+  For any w >= 0 and memory budget B, their total time is at least
+  sum_u min_k (t + w m) - w B; f(B) is the best over a geometric grid of w around the
+  ratio of the time and memory spreads (w = 0 gives the fastest candidates' sum).
+  """
+  finite = np.isfinite(time) & np.isfinite(memory)
+  weights = np.zeros(1)
+  if np.isfinite(budget) and finite.any() and np.ptp(memory[finite]) > 0:
+    scale = np.ptp(time[finite]) / np.ptp(memory[finite])
+    weights = np.concatenate([[0.0], scale * 2.0 ** np.arange(-12, 13)])
+  safe_memory = np.where(finite, memory, 0.0)
+  cost = np.where(finite[None], time[None] + weights[:, None, None] * safe_memory[None], np.inf)
+  values = cost.min(axis=2).sum(axis=1)
+  lean = float(np.where(finite, memory, np.inf).min(axis=1).sum()) if len(time) else 0.0
+  # f(B) = max_w (values_w - w B) is convex and piecewise linear: evaluated at every
+  # crossing of two of its lines (its breakpoints among them), interpolation is exact.
+  with np.errstate(divide="ignore", invalid="ignore"):
+    cross = (values[:, None] - values[None, :]) / (weights[:, None] - weights[None, :])
+  points = np.unique(np.concatenate([[0.0], cross[np.isfinite(cross) & (cross > 0)]]))
+  envelope = (values[None, :] - points[:, None] * weights[None, :]).max(axis=1)
+  return TimeBound(lean=lean, points=points, envelope=envelope)
+
+
 def trivial_bound(tables: Tables) -> float:
-  """A lower bound on the objective from per-layer minimum times alone."""
+  """A lower bound on the objective from per-layer times and the total memory.
+
+  All layers' time is at least their Lagrangian bound within num_stages * budget of
+  memory (at least the fastest candidates' sum), the slowest stage takes at least its
+  1 / num_stages share and at least the slowest layer's fastest time.
+  """
   fastest = tables.time.min(axis=1)
   total = float(fastest.sum())
+  if np.isfinite(tables.budget):
+    bound = time_bound(tables.time, tables.memory.min(axis=0), tables.budget)
+    total = max(total, float(bound(np.array([tables.num_stages * tables.budget]))[0]))
   bottleneck = max(float(fastest.max()), total / tables.num_stages)
   return total + (tables.num_microbatches - 1) * bottleneck
 
