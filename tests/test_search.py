@@ -49,6 +49,8 @@ def test_plan_is_complete_and_consistent(gpt2):
   assert plans.Plan.from_json(plan.to_json()) == plan
   assert len(plan.predicted.memory_per_device_bytes) == 2
   assert plan.predicted.throughput == pytest.approx(16 / plan.predicted.step_time_s)
+  # No plan can use more than the peak the cost model charges for (its efficiency < 1).
+  assert 0 < plan.predicted.mfu <= CPU8.compute_efficiency
 
 
 def test_predicted_step_time_is_the_solvers_objective(gpt2):

@@ -276,10 +276,10 @@ class Plan:
         f"Plan for {self.cluster}: {self.num_devices} devices, mesh {mesh}",
         f"  global batch {self.global_batch}, {self.num_microbatches} micro-batches, "
         f"schedule {self.schedule}",
-        f"  step {_fmt_time(p.step_time_s)} (compute {_fmt_time(p.compute_time_s)}, "
-        f"communication {_fmt_time(p.communication_time_s)}, bubble {_fmt_time(p.bubble_time_s)} "
-        f"per slowest stage and micro-batch / step), "
+        f"  step {_fmt_time(p.step_time_s)}, of which bubble {_fmt_time(p.bubble_time_s)}; "
         f"{p.throughput:.2f} samples/s, MFU {100 * p.mfu:.1f}%",
+        f"  slowest stage, per micro-batch: compute {_fmt_time(p.compute_time_s)}, "
+        f"communication {_fmt_time(p.communication_time_s)}",
         f"  solver: {self.solver.status}, gap {100 * self.solver.gap:.2f}%, "
         f"{self.solver.time_s:.2f} s solving, {self.solver.search_time_s:.2f} s searching "
         f"{self.solver.configurations} configurations ({self.solver.skipped} pruned)",

@@ -445,7 +445,9 @@ def _predict(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config: 
   scale = global_batch / graph.batch_size
   model_flops = sum(l.flops + l.backward_flops for l in graph.layers) * scale
   dtype = graph.inputs[0].info.dtype if graph.inputs else "float32"
-  peak = cluster.peak_flops(dtype) * cluster.num_devices
+  # MFU against the peak the cost model charges matmuls at: fp32 matmuls at default
+  # precision run on TF32 units where the device has them (strategies' op dtypes).
+  peak = cluster.peak_flops("tfloat32" if dtype == "float32" else dtype) * cluster.num_devices
   stage_of = dict(sol.stage)
   collectives = cost.predicted_collectives(tables, sol.choice, stage_of)
   return plans.Predicted(
