@@ -758,6 +758,9 @@ PRESETS: Mapping[str, Cluster] = types.MappingProxyType({c.name: c for c in (
         "every dimension is a multiple of 4.")),
     _tpu("tpu-v5p", (4, 4, 4), chips_per_host=4,
          notes="64 chips as a 4x4x4 cube, a 3D torus; 16 hosts of 4 chips."),
+    _tpu("tpu-v5p", (8, 8, 16), chips_per_host=4,
+         notes="1024 chips as an 8x8x16 slice, a 3D torus (every dimension a "
+         "multiple of 4); 256 hosts of 4 chips."),
     _tpu("tpu-v5e", (16, 16), chips_per_host=4,
          notes="256 chips as a full 16x16 pod, a 2D torus; 64 hosts of 4 "
          "chips."),
