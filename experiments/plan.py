@@ -11,6 +11,7 @@ from rich.progress import Progress
 
 import uniap_jax as ua
 from experiments import models
+from experiments import plot
 
 _MODEL = flags.DEFINE_enum("model", "gpt2", models.NAMES, "Zoo model to plan.")
 _SIZE = flags.DEFINE_enum("size", "paper", ["paper", "tiny"], "Model size.")
@@ -24,6 +25,9 @@ _SCHEDULE = flags.DEFINE_enum("schedule", None, ["gpipe", "1f1b"], "Pin the sche
 _MEMORY = flags.DEFINE_float("memory_limit_gib", None, "Override the per-device memory limit.")
 _TIME_LIMIT = flags.DEFINE_float("time_limit_s", 300.0, "Budget of the whole search, seconds.")
 _OUT = flags.DEFINE_string("out", None, "Write the plan as JSON to this file.")
+_PLOT = flags.DEFINE_string(
+    "plot", None, "Draw the plan (pipeline Gantt chart and per-layer strategies) to this "
+    "PNG file; needs matplotlib: pip install -e '.[experiments]'.")
 
 
 def _cluster(text: str) -> ua.Cluster:
@@ -34,6 +38,8 @@ def _cluster(text: str) -> ua.Cluster:
 
 def main(argv):
   del argv
+  if _PLOT.value:
+    plot.check_matplotlib()  # fail before planning, not after
   cluster = _cluster(_CLUSTER.value)
   model = models.create(_MODEL.value, _SIZE.value, shape_only=True)
   optimizer = models.create_optimizer(model)
@@ -55,10 +61,14 @@ def main(argv):
   print(f"{_MODEL.value} ({_SIZE.value}) on {cluster.name}, planned in "
         f"{time.perf_counter() - start:.1f} s (tracing included)")
   print(plan.summary())
+  print(plot.timeline(plan))
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       f.write(plan.to_json())
     print(f"plan written to {_OUT.value}")
+  if _PLOT.value:
+    plot.save_png(plan, _PLOT.value)
+    print(f"plan drawn to {_PLOT.value}")
 
 
 if __name__ == "__main__":

@@ -239,10 +239,15 @@ def plan_graph(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
       continue
     incumbent = best[0] if best else None
     status, bound = "pruned", math.inf
-    if any(len(l.candidates) == 0 for l in tables.layers) or tables.over_limit:
+    if (any(len(l.candidates) == 0 for l in tables.layers) or tables.over_limit
+        or tables.reserve_bytes >= tables.memory_limit_bytes):
       status = "infeasible"
       if tables.over_limit:
         least_memory = min(least_memory, max(b for _, b in tables.over_limit))
+      else:
+        least_memory = min(least_memory, tables.reserve_bytes + sum(
+            min(tables.memory_by_stage(l.name)[0]) for l in tables.layers
+            if l.candidates) / tables.num_stages)
     elif incumbent is not None and lower_bound(tables) >= incumbent:
       skipped += 1
       bound = lower_bound(tables)
