@@ -465,6 +465,18 @@ def _path_str(path: Sequence[Any]) -> str:
   return "/".join(_key_name(k) for k in path)
 
 
+def leaf_path(path: Sequence[Any]) -> str:
+  """A pytree key path as the "/"-joined leaf path the graph uses ("blocks/3/up/kernel").
+
+  A trailing `.value` (an NNX Variable's array, as nnx.State flattens it) is dropped, so
+  paths from `nnx.state(...)` trees match `InputInfo.path`.
+  """
+  keys = [_key_name(k) for k in path]
+  if keys and keys[-1] == "value":
+    keys = keys[:-1]
+  return "/".join(keys)
+
+
 def _flatten_args(args: Sequence[Any], batch_argnums: tuple[int, ...]):
   """Leaves of every argument with readable paths, roles known from types, and specs."""
   leaves, treedefs, counts = [], [], []

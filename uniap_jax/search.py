@@ -399,26 +399,12 @@ def _optimizer_leaf_spec(leaf: graph_lib.InputInfo,
   return PartitionSpec()
 
 
-def _leaf_path(path: Sequence[Any]) -> str:
-  keys = []
-  for k in path:
-    for attr in ("name", "key", "idx"):
-      if hasattr(k, attr):
-        keys.append(str(getattr(k, attr)))
-        break
-    else:
-      keys.append(str(k))
-  if keys and keys[-1] == "value":
-    keys = keys[:-1]
-  return "/".join(keys)
-
-
 def _spec_tree(arg: Any, arg_index: int, leaf_specs: Sequence[plans.LeafSpec]) -> Any:
   """A pytree of PartitionSpecs mirroring one argument (an NNX object as its nnx.State)."""
   specs = {path: spec for i, path, spec in leaf_specs if i == arg_index}
   tree = nnx.state(arg) if isinstance(arg, (nnx.Module, nnx.Optimizer)) else arg
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: specs.get(_leaf_path(p), PartitionSpec()), tree)
+      lambda p, _: specs.get(graph_lib.leaf_path(p), PartitionSpec()), tree)
 
 
 def _predict(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config: Config,
