@@ -2,6 +2,10 @@
 
   python -m experiments.calibrate --cluster=cpu-8 --out=calib.json
   python -m experiments.calibrate --cluster=devices --out=calib.json --reuse
+  python -m experiments.calibrate --cluster=cpu-8 --model=gpt2 --size=tiny
+
+With --model, the zoo model's own layer kinds are timed too (whole on one device and
+under their fastest candidates) and the compute efficiency is fitted to them.
 
 Prints the cluster's analytic figures beside the fitted ones and every measured
 time beside what the cost model predicts before and after calibration.
@@ -35,6 +39,11 @@ _SIZES = flags.DEFINE_list(
 _MATMULS = flags.DEFINE_list("matmul_sizes", [], "Square matmul sides; empty: by platform.")
 _ELEMENTWISE = flags.DEFINE_list(
     "elementwise_bytes", [], "Elementwise operand bytes per device; empty: by platform.")
+_MODEL = flags.DEFINE_string(
+    "model", None, "Zoo model whose layer kinds to time as well (experiments.models.NAMES).")
+_SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "paper"], "Size of --model.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Global batch of --model's layers.")
+_CANDIDATES = flags.DEFINE_integer("max_candidates", 2, "Candidates timed per layer kind.")
 
 
 def _cluster(text: str) -> ua.Cluster:
@@ -56,6 +65,16 @@ def main(argv):
   options = dict(sizes_bytes=_ints(_SIZES.value), matmul_sizes=_ints(_MATMULS.value),
                  elementwise_bytes=_ints(_ELEMENTWISE.value), repeats=_REPEATS.value,
                  iterations=_ITERATIONS.value)
+  if _MODEL.value:
+    from experiments import models  # pylint: disable=g-import-not-at-top
+    if _MODEL.value not in models.NAMES:
+      raise app.UsageError(f"--model={_MODEL.value!r}; known: {', '.join(models.NAMES)}.")
+    model = models.create(_MODEL.value, size=_SIZE.value, shape_only=True)
+    args = (model, models.create_optimizer(model),
+            models.example_batch(_MODEL.value, size=_SIZE.value, batch_size=_BATCH.value,
+                                 shape_only=True))
+    options.update(layers=(models.train_step(_MODEL.value), args),
+                   max_candidates=_CANDIDATES.value)
   if _REUSE.value and _OUT.value:
     calibration = profile.calibrate_cached(cluster, _OUT.value, devices, **options)
   else:

@@ -8,6 +8,7 @@ from flax import nnx
 import jax
 from jax.extend import core as jex_core
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -546,3 +547,30 @@ def test_llama_7b_traces_on_shapes():
   expected = 2 * (num_params - 32000 * 4096) * tokens + 4 * 2048 * 4096 * 32 * tokens
   assert forward == pytest.approx(expected, rel=0.02)
   assert sum(l.backward_flops for l in graph.layers) == pytest.approx(2 * forward, rel=0.02)
+
+
+# --- replaying the traced program ------------------------------------------------------------
+
+
+def test_replaying_every_equation_reproduces_the_step():
+  """trace_program's equations, run in op order on real leaves, give the step's results."""
+  model = toy.TinyTransformer(hidden=(64, 48), rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+  batch = {"tokens": jnp.arange(16).reshape(2, 8) % 64, "labels": jnp.ones((2, 8), jnp.int32)}
+  step = toy.nnx_train_step(toy.lm_loss)
+  graph, equations = graphlib.trace_program(step, model, optimizer, batch)
+  assert graph == graphlib.trace(step, model, optimizer, batch)
+  ops = sorted((op for l in graph.layers for op in l.ops), key=lambda o: o.index)
+  assert [op.index for op in ops] == list(range(len(equations)))
+  leaves = (jax.tree.leaves(nnx.state(model)) + jax.tree.leaves(nnx.state(optimizer))
+            + jax.tree.leaves(batch))
+  assert len(leaves) == len(graph.inputs)
+  env = jax.jit(lambda v: graphlib.replay(equations, range(len(equations)), v))(
+      dict(enumerate(leaves)))
+  loss = step(model, optimizer, batch)  # updates model and optimizer in place
+  assert float(env[graph.output_ids[0]]) == pytest.approx(float(loss), rel=1e-6)
+  new_leaves = jax.tree.leaves(nnx.state(model)) + jax.tree.leaves(nnx.state(optimizer))
+  updated = [p for p in graph.inputs if p.updated_id >= 0]
+  assert updated
+  for p in updated:
+    np.testing.assert_allclose(env[p.updated_id], new_leaves[p.value_id], rtol=1e-5, atol=1e-6)

@@ -12,8 +12,13 @@ import jax
 import numpy as np
 import pytest
 
+from uniap_jax import cost
 from uniap_jax import profile
+from uniap_jax import strategies
 from uniap_jax.cluster import Cluster
+
+import _toy_models as toy
+import uniap_jax as ua
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CPU = Cluster.preset("cpu-8")
@@ -29,7 +34,7 @@ def calibration():
 
 def _level_sse(cal, cluster, fit):
   ms = [m for m in cal.measurements if m.level == fit.name]
-  c = profile._with_level(cluster, fit.name, bandwidth_bytes_per_s=fit.bandwidth_bytes_per_s,
+  c = profile._calibrate._with_level(cluster, fit.name, bandwidth_bytes_per_s=fit.bandwidth_bytes_per_s,
                           latency_s=fit.latency_s)
   return sum((profile.predicted_time_s(m, c) / m.time_s - 1.0) ** 2 for m in ms)
 
@@ -257,7 +262,7 @@ def counted_timer(monkeypatch):
     calls.append(fn)
     return (1e-3,) * repeats
 
-  monkeypatch.setattr(profile, "_time_runs_s", fake)
+  monkeypatch.setattr(profile._calibrate, "_time_runs_s", fake)
   return calls
 
 
@@ -294,7 +299,7 @@ def test_cache_never_overwrites_a_file_that_is_no_calibration(tmp_path, counted_
 
 
 def test_calibrate_rejects_bad_arguments():
-  with pytest.raises(NotImplementedError, match="layers"):
+  with pytest.raises(ValueError, match=r"layers must be \(train_step, example_args\)"):
     profile.calibrate(CPU, layers=object())
   with pytest.raises(ValueError, match="4 devices given but cluster 'cpu-8' has 8"):
     profile.calibrate(CPU, jax.devices()[:4])
@@ -316,3 +321,79 @@ def test_launcher_prints_fitted_and_preset_figures(tmp_path):
   assert "host.bandwidth_bytes_per_s" in proc.stdout
   cal = profile.Calibration.from_json(out.read_text())
   assert cal.num_devices == 8 and cal.levels[0].name == "host"
+
+
+# ------------------------------------------------------------------- layers
+
+
+def _toy_step():
+  model = toy.abstract_model(toy.TinyTransformer, hidden=(64, 64))
+  return toy.nnx_train_step(toy.lm_loss), (model, toy.abstract_optimizer(model),
+                                           toy.lm_batch(batch_size=8))
+
+
+@pytest.fixture(scope="module")
+def layer_calibration():
+  step, args = _toy_step()
+  return profile.calibrate(CPU, jax.devices(), **TINY, layers=(step, args), max_candidates=2)
+
+
+def test_every_layer_kind_is_timed_alone_and_under_its_fastest_candidates():
+  step, args = _toy_step()
+  graph = ua.trace(step, *args)
+  mesh = [m for m in strategies.mesh_shapes(CPU, 8) if len(m.axes) == 2][0]
+  timings = profile.time_layers(step, *args, cluster=CPU, mesh=mesh, max_candidates=2,
+                                repeats=1)
+  kinds = {}
+  for layer in graph.layers:
+    kinds.setdefault(layer.signature, []).append(layer.name)
+  alone = [t for t in timings if not t.mesh]
+  assert [t.layer for t in alone] == [names[0] for names in kinds.values()]
+  assert [t.count for t in alone] == [len(names) for names in kinds.values()]
+  # Under candidates: the cost tables' two fastest, with their figures as the prediction.
+  tables = cost.build_cost_tables(graph, CPU, mesh=mesh)
+  for names in kinds.values():
+    costs = tables.layer(names[0])
+    total = [m + s for m, s in zip(costs.microbatch_time_s, costs.step_time_s)]
+    fastest = sorted(range(len(total)), key=total.__getitem__)[:2]
+    timed = [t for t in timings if t.mesh and t.layer == names[0]]
+    assert all(t.mesh == mesh.as_dict() for t in timed)
+    assert [t.candidate for t in timed] == [costs.candidates[k].name for k in fastest]
+    assert [t.predicted_s for t in timed] == pytest.approx([total[k] for k in fastest])
+  assert all(t.time_s > 0 and len(t.times_s) == 1 for t in timings)
+
+
+def test_layer_calibration_fits_efficiency_to_the_layers_and_round_trips(layer_calibration):
+  step, args = _toy_step()
+  graph = ua.trace(step, *args)
+  cal = layer_calibration
+  kernels_only = dataclasses.replace(cal, layers=(), compute_efficiency=1.0)
+  assert cal.compute_efficiency == pytest.approx(profile.fit_layer_efficiency(
+      graph, cal.layers, kernels_only.apply(CPU)), rel=1e-6)
+  assert any("fitted to" in n and "layer kind" in n for n in cal.notes)
+  assert profile.Calibration.from_json(cal.to_json()) == cal
+  text = cal.summary(CPU)
+  assert all(t.layer in text for t in cal.layers) and "one device" in text
+
+
+@pytest.mark.parametrize("efficiency", [0.05, 0.3, 0.9])
+def test_fit_layer_efficiency_recovers_a_known_efficiency(efficiency):
+  step, args = _toy_step()
+  graph = ua.trace(step, *args)
+  truth = dataclasses.replace(CPU, compute_efficiency=efficiency)
+  template = [profile.LayerTiming(layer=l.name, predicted_s=0.0, times_s=(1.0,))
+              for l in graph.layers]
+  exact = profile.predict_layers(graph, template, truth)
+  timings = [dataclasses.replace(t, times_s=(t.predicted_s,)) for t in exact]
+  assert profile.fit_layer_efficiency(graph, timings, CPU) == pytest.approx(efficiency, rel=1e-3)
+
+
+def test_time_layers_rejects_bad_input():
+  step, args = _toy_step()
+  with pytest.raises(ValueError, match="repeats must be"):
+    profile.time_layers(step, *args, cluster=CPU, repeats=0)
+  with pytest.raises(ValueError, match="needs 8 devices; 4 given"):
+    profile.time_layers(step, *args, cluster=CPU, devices=jax.devices()[:4],
+                        mesh=strategies.mesh_shapes(CPU, 8)[0])
+  with pytest.raises(ValueError, match="needs one-device layer timings"):
+    profile.fit_layer_efficiency(ua.trace(step, *args), [], CPU)

@@ -397,6 +397,53 @@ def trace(step_fn: Callable[..., Any], *example_args: Any,
     graph = ua.trace(train_step, model, optimizer, batch)
     print(graph.summary())
   """
+  return _trace(step_fn, example_args, batch_argnums, keep_equations=False)[0]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Equation:
+  """One primitive equation of the traced program, kept so that ops can run again.
+
+  Attributes:
+    eqn: the JAX equation (`jax.extend.core.JaxprEqn`).
+    operands: per operand, ("value", id), ("literal", value) or ("const", value).
+    out_ids: the value ids of its results (as in `Op.out_ids`).
+  """
+
+  eqn: Any
+  operands: tuple[tuple[str, Any], ...]
+  out_ids: tuple[int, ...]
+
+
+def trace_program(step_fn: Callable[..., Any], *example_args: Any,
+                  batch_argnums: int | Sequence[int] | None = None
+                  ) -> tuple[LayerGraph, tuple[Equation, ...]]:
+  """`trace`, plus the equations behind the ops: `Op.index` indexes them.
+
+  For running layers on their own (`replay`), e.g. to time them; costs the memory of
+  the traced program, which `trace` drops.
+  """
+  graph, equations = _trace(step_fn, example_args, batch_argnums, keep_equations=True)
+  return graph, tuple(equations)
+
+
+def replay(equations: Sequence[Equation], indices: Sequence[int],
+           values: dict[int, Any]) -> dict[int, Any]:
+  """Runs `equations[k]` for k in `indices`, in that order, on `values` (id -> array).
+
+  Returns `values` updated with every result. Works under `jax.jit`: the layer's
+  program is then one XLA computation. A missing operand raises KeyError naming it.
+  """
+  env = dict(values)
+  for k in indices:
+    e = equations[k]
+    args = [env[v] if how == "value" else v for how, v in e.operands]
+    out = e.eqn.primitive.bind(*args, **e.eqn.primitive.get_bind_params(e.eqn.params))
+    env.update(zip(e.out_ids, out if e.eqn.primitive.multiple_results else (out,)))
+  return env
+
+
+def _trace(step_fn, example_args, batch_argnums, *, keep_equations: bool):
   if not callable(step_fn):
     raise TypeError(f"trace: step_fn must be callable, got {type(step_fn).__name__}.")
   fn_name = getattr(step_fn, "__qualname__", None) or getattr(step_fn, "__name__", None) or repr(
@@ -409,13 +456,13 @@ def trace(step_fn: Callable[..., Any], *example_args: Any,
   batch_size = _batch_size(leaves, batch_argnums)
   modules = _Modules.from_args(example_args)
   closed, num_out, written = _make_jaxpr(step_fn, fn_name, leaves, treedefs, counts, modules)
-  program = _Program(closed)
+  program = _Program(closed, keep_equations=keep_equations)
   notes = list(program.notes)
   graph = _assemble(program, leaves, batch_argnums, batch_size, modules, num_out, written,
                     fn_name, notes)
   for note in dict.fromkeys(notes):
-    warnings.warn(note, stacklevel=2)
-  return graph
+    warnings.warn(note, stacklevel=3)
+  return graph, program.equations
 
 
 # ---------------------------------------------------------------------------
@@ -946,15 +993,18 @@ def _open(j) -> Any:
 class _Program:
   """The step's jaxpr with calls inlined: equations in program order, typed values."""
 
-  def __init__(self, closed):
+  def __init__(self, closed, keep_equations: bool = False):
     self.eqns: list[_Eqn] = []
+    # With keep_equations, the JAX equation behind each _Eqn and where its operands
+    # come from, so that any set of ops can be run again (`replay`).
+    self.equations: list[Equation] | None = [] if keep_equations else None
     self.types: list[TensorInfo] = []
     self.notes: list[str] = []
     self._infos: dict[Any, TensorInfo] = {}
     self._costs: dict[int, tuple[float, float, float]] = {}
     jaxpr = closed.jaxpr
     in_ids = [self._new(v.aval) for v in jaxpr.invars]
-    self.out_ids = self._walk(jaxpr, in_ids, (), "")
+    self.out_ids = self._walk(jaxpr, in_ids, (), "", closed.consts)
 
   def info(self, aval) -> TensorInfo:
     shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
@@ -974,9 +1024,11 @@ class _Program:
     self.types.append(self.info(aval))
     return len(self.types) - 1
 
-  def _walk(self, jaxpr, in_ids: Sequence[int], stack: tuple, source: str) -> list[int]:
+  def _walk(self, jaxpr, in_ids: Sequence[int], stack: tuple, source: str,
+            consts: Sequence[Any] = (), known: dict | None = None) -> list[int]:
     env: dict[Any, int] = {v: -1 for v in jaxpr.constvars}
     env.update(zip(jaxpr.invars, in_ids))
+    const_of = {**dict(zip(jaxpr.constvars, consts)), **(known or {})}
     read = lambda a: -1 if isinstance(a, jex_core.Literal) else env[a]
     for eqn in jaxpr.eqns:
       ids = [read(a) for a in eqn.invars]
@@ -984,7 +1036,10 @@ class _Program:
       esource = source_info_util.summarize(eqn.source_info) or source
       sub = _sub_jaxpr(eqn)
       if sub is not None:
-        outs = self._walk(sub[0], ids, estack, esource)
+        # Constants and literals passed into an inlined call are constants inside it.
+        passed = {v: a.val if isinstance(a, jex_core.Literal) else const_of.get(a)
+                  for v, a in zip(sub[0].invars, eqn.invars) if read(a) == -1}
+        outs = self._walk(sub[0], ids, estack, esource, sub[1], passed)
         env.update(zip(eqn.outvars, outs))
         continue
       e = _Eqn()
@@ -1005,6 +1060,11 @@ class _Program:
       e.stack, e.source = estack, esource
       env.update(zip(eqn.outvars, e.out_ids))
       self.eqns.append(e)
+      if self.equations is not None:
+        self.equations.append(Equation(eqn=eqn, operands=tuple(
+            ("literal", a.val) if isinstance(a, jex_core.Literal) else
+            ("value", i) if i != -1 else ("const", const_of.get(a))
+            for a, i in zip(eqn.invars, ids)), out_ids=e.out_ids))
     return [read(v) for v in jaxpr.outvars]
 
   def _eqn_cost(self, eqn, prim, ins, outs) -> tuple[float, float, float]:

@@ -49,6 +49,9 @@ import numpy as np
 
 from uniap_jax import cluster as cluster_lib
 from uniap_jax import cost
+from uniap_jax import graph as graph_lib
+from uniap_jax import strategies
+from uniap_jax.profile import _layers
 
 _log = logging.getLogger(__name__)
 
@@ -173,6 +176,8 @@ class Calibration:
     levels: one fit per measured level (levels of size 1 have none), innermost first.
     measurements: every timed operation.
     notes: what the fit had to assume or clip, in words.
+    layers: the step's layer kinds timed with `calibrate(layers=...)`, each beside
+      what the calibrated cost model charges for it.
   """
 
   device_kind: str
@@ -184,6 +189,7 @@ class Calibration:
   levels: tuple[LevelFit, ...] = ()
   measurements: tuple[Measurement, ...] = ()
   notes: tuple[str, ...] = ()
+  layers: tuple[_layers.LayerTiming, ...] = ()
 
   def __post_init__(self):
     for field in ("device_kind", "platform", "jax_version"):
@@ -196,7 +202,7 @@ class Calibration:
     _positive(self.memory_bandwidth_bytes_per_s, "Calibration.memory_bandwidth_bytes_per_s")
     if not isinstance(self.num_devices, int) or self.num_devices < 1:
       raise ValueError(f"Calibration.num_devices must be a positive int, got {self.num_devices!r}.")
-    for field in ("levels", "measurements", "notes"):
+    for field in ("levels", "measurements", "notes", "layers"):
       object.__setattr__(self, field, tuple(getattr(self, field)))
     names = [l.name for l in self.levels]
     if len(set(names)) != len(names):
@@ -256,7 +262,9 @@ class Calibration:
       levels = tuple(LevelFit(**l) for l in data.pop("levels", ()))
       measurements = tuple(Measurement(**{**m, "times_s": tuple(m["times_s"])})
                            for m in data.pop("measurements", ()))
-      return cls(levels=levels, measurements=measurements,
+      layers = tuple(_layers.LayerTiming(**{**l, "times_s": tuple(l["times_s"])})
+                     for l in data.pop("layers", ()))
+      return cls(levels=levels, measurements=measurements, layers=layers,
                  notes=tuple(data.pop("notes", ())), **data)
     except (TypeError, KeyError) as e:
       raise ValueError(f"Calibration JSON has a missing or unknown field: {e}.") from None
@@ -283,6 +291,13 @@ class Calibration:
       label = f"{m.kind} {m.level} {_human_bytes(m.nbytes)}".replace("  ", " ")
       rows.append(f"  {label:<34} {m.time_s:>12.4g} {predicted_time_s(m, cluster):>12.4g} "
                   f"{predicted_time_s(m, calibrated):>12.4g}")
+    if self.layers:
+      rows.append(f"  {'layer kind (layers), mesh, candidate':<60} {'time_s':>10} "
+                  f"{'predicted':>10}")
+    for t in self.layers:
+      where = " ".join(f"{k}{v}" for k, v in t.mesh.items()) or "one device"
+      label = f"{t.layer} (x{t.count}), {where}" + (f", {t.candidate}" if t.candidate else "")
+      rows.append(f"  {label:<60} {t.time_s:>10.4g} {t.predicted_s:>10.4g}")
     rows.extend(f"  note: {n}" for n in self.notes)
     return "\n".join(rows)
 
@@ -540,7 +555,9 @@ def calibrate(cluster: cluster_lib.Cluster, devices: Sequence[Any] | None = None
               matmul_sizes: Sequence[int] | None = None,
               elementwise_bytes: Sequence[int] | None = None,
               dtype: str | None = None, repeats: int = 5, iterations: int = 10,
-              layers: Any = None) -> Calibration:
+              layers: tuple[Callable[..., Any], Sequence[Any]] | None = None,
+              layer_mesh: strategies.MeshShape | None = None,
+              max_candidates: int = 2) -> Calibration:
   """Times compute and every level's collectives on `devices`; fits the cost model's figures.
 
   All devices run at once, as they do in a sharded step: a batched matmul and
@@ -564,18 +581,24 @@ def calibrate(cluster: cluster_lib.Cluster, devices: Sequence[Any] | None = None
     repeats: timed runs per operation (after one untimed run); the median counts.
     iterations: collectives per timed program, back to back, so that the
       program's dispatch overhead is shared among them.
-    layers: reserved for timing each distinct layer kind under its candidates.
+    layers: (train step, its example arguments): also time each distinct layer kind
+      of that step, whole on one device and under its `max_candidates` fastest
+      candidates on `layer_mesh`, and fit `compute_efficiency` to the one-device
+      layer times instead of the matmuls (`profile.time_layers`).
+    layer_mesh: the stage mesh for the candidate timings; default a data x tensor
+      mesh over all devices.
+    max_candidates: candidates timed per layer kind.
   Returns:
     The Calibration: fitted figures and every raw time.
   Raises:
-    ValueError: a device count that differs from the cluster's, or bad sizes.
-    NotImplementedError: `layers` was given.
+    ValueError: a device count that differs from the cluster's, bad sizes, or
+      `layers` that is not a (step, arguments) pair.
   """
-  if layers is not None:
-    raise NotImplementedError(
-        "calibrate(layers=...): timing distinct layer kinds under their candidate "
-        "shardings is not implemented; layer costs stay analytic (roofline with the "
-        "calibrated efficiency and bandwidth).")
+  if layers is not None and not (isinstance(layers, tuple) and len(layers) == 2
+                                 and callable(layers[0])
+                                 and isinstance(layers[1], (tuple, list))):
+    raise ValueError("calibrate: layers must be (train_step, example_args), e.g. "
+                     f"layers=(train_step, (model, optimizer, batch)); got {layers!r:.80}.")
   devices = _ordered(jax.devices() if devices is None else devices)
   if len(devices) != cluster.num_devices:
     raise ValueError(
@@ -611,13 +634,43 @@ def calibrate(cluster: cluster_lib.Cluster, devices: Sequence[Any] | None = None
       if not fits[-1].bandwidth_fitted:
         notes += (f"level {level.name!r}: collective times did not grow with size; its "
                   "bandwidth is only a lower bound (use larger sizes_bytes).",)
-  for note in notes:
-    _log.warning("calibrate: %s", note)
-  return Calibration(
+  result = Calibration(
       device_kind=kinds[0], num_devices=len(devices), platform=platform,
       jax_version=jax.__version__, compute_efficiency=efficiency,
       memory_bandwidth_bytes_per_s=bandwidth, levels=tuple(fits),
       measurements=tuple(measurements), notes=notes)
+  if layers is not None:
+    result = _calibrate_layers(result, cluster, devices, layers, layer_mesh, max_candidates,
+                               repeats)
+  for note in result.notes:
+    _log.warning("calibrate: %s", note)
+  return result
+
+
+def _calibrate_layers(result: Calibration, cluster: cluster_lib.Cluster,
+                      devices: Sequence[Any], layers: tuple[Callable[..., Any], Sequence[Any]],
+                      mesh: strategies.MeshShape | None, max_candidates: int,
+                      repeats: int) -> Calibration:
+  """`result` with compute_efficiency fitted to the step's layers, and their timings."""
+  step, args = layers
+  if mesh is None:
+    meshes = strategies.mesh_shapes(cluster, cluster.num_devices)
+    mesh = next((m for m in meshes if len(m.axes) == 2), meshes[0])
+  kernels = result.apply(cluster)
+  timed = _layers.time_layers(step, *args, cluster=kernels, devices=devices, mesh=mesh,
+                              max_candidates=max_candidates, repeats=repeats)
+  graph = graph_lib.trace(step, *args)
+  efficiency = _layers.fit_layer_efficiency(graph, timed, kernels)
+  kinds = sum(1 for t in timed if not t.mesh)
+  note = (f"compute_efficiency {efficiency:.3g} fitted to {kinds} layer kind(s) of the "
+          f"step; matmuls alone gave {result.compute_efficiency:.3g}.")
+  if efficiency >= 1.0 - 1e-6:
+    note += (" At the bound: the layers ran at least as fast as the roofline at the "
+             "cluster's peak, e.g. because XLA fuses elementwise ops whose bytes the "
+             "roofline charges one by one.")
+  result = dataclasses.replace(result, compute_efficiency=efficiency,
+                               notes=result.notes + (note,))
+  return dataclasses.replace(result, layers=_layers.predict(graph, timed, result.apply(cluster)))
 
 
 def _matches(calibration: Calibration, cluster: cluster_lib.Cluster,
