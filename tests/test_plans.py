@@ -100,3 +100,13 @@ def test_predicted_rejects_unknown_collective():
     plans.Predicted(step_time_s=1.0, compute_time_s=0, communication_time_s=0, bubble_time_s=0,
                     throughput=1, memory_per_device_bytes=(1,), mfu=0.1,
                     collectives={"broadcast": 1.0})
+
+
+def test_plans_differing_only_in_planner_wall_clock_are_equal():
+  plan = _plan()
+  slower = _plan(solver=plans.SolverStats(status="optimal", gap=0.0, time_s=1.1,
+                                          search_time_s=9.0, configurations=7, skipped=3))
+  assert slower == plan
+  assert _plan(solver=plans.SolverStats(status="optimal", gap=0.0, time_s=0.1,
+                                        configurations=8, skipped=3)) != plan
+  assert _plan(num_microbatches=8) != plan

@@ -66,6 +66,10 @@ class Predicted:
                        {k: float(self.collectives.get(k, 0.0)) for k in COLLECTIVE_KINDS})
 
 
+# SolverStats fields that measure the planner's run rather than decide anything.
+WALL_CLOCK_FIELDS = ("time_s", "search_time_s")
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SolverStats:
   """How the plan was found: the solver's status, optimality gap and wall times.
@@ -260,9 +264,11 @@ class Plan:
     )
 
   def __eq__(self, other):
+    """Same decisions and predictions; the planner's wall-clock times do not count, so
+    that every host of a job, planning on its own, holds an equal plan."""
     if not isinstance(other, Plan):
       return NotImplemented
-    return self.to_json() == other.to_json()
+    return _without_wall_clock(self.to_json()) == _without_wall_clock(other.to_json())
 
   __hash__ = None
 
@@ -352,3 +358,10 @@ def specs_to_trees(leaf_specs: Sequence[LeafSpec], num_args: int) -> tuple[Any, 
       node = node.setdefault(part, {})
     node[parts[-1]] = spec
   return tuple(trees)
+
+
+def _without_wall_clock(plan_json: str) -> dict:
+  d = json.loads(plan_json)
+  for key in WALL_CLOCK_FIELDS:
+    d["solver"].pop(key, None)
+  return d

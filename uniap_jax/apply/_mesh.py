@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 from uniap_jax import plans
 
@@ -40,10 +41,17 @@ def make_mesh(plan: plans.Plan, devices: Sequence[Any] | None = None) -> Mesh:
   Explicit, which needs neither and costs extra all-gathers in a partial-manual
   shard_map; see reference/pipelines.md, section 5).
 
+  By default the devices are `jax.devices()` ordered by (process, id): each process's
+  devices are contiguous, so with `pp` outermost a pipeline stage spans whole processes
+  (one process per stage when pp equals the process count) and the inner, tensor-parallel
+  axes stay inside one process. Every process builds the same mesh.
+
   Raises:
     ValueError: the plan needs more devices than there are.
   """
-  devices = list(jax.devices() if devices is None else devices)
+  if devices is None:
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  devices = list(devices)
   need = plan.num_devices
   shape = " x ".join(f"{k}={v}" for k, v in plan.mesh_axes.items())
   if need > len(devices):
@@ -218,3 +226,31 @@ def add_axis(spec: PartitionSpec, shape: Sequence[int], axis: str,
       entries[d] = axes
       return PartitionSpec(*entries)
   return spec
+
+
+def spans_processes(mesh: Mesh) -> bool:
+  """True when the mesh holds devices of more than one process (a multi-host job)."""
+  return len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """`jax.device_put(tree, shardings)`, also when the shardings span processes.
+
+  A sharding over several processes cannot take a host value through `device_put`
+  without a cross-process equality check of every leaf (one collective each, every
+  step). Here a value that is not yet a global array is read as the global value,
+  the same on every process (as `device_put` assumes), and each process builds only
+  its own shards from it with `jax.make_array_from_callback`. Global arrays (from an
+  earlier step, or built by the user with `jax.make_array_from_process_local_data`)
+  are resharded as `device_put` does, or kept when already laid out right.
+  """
+  def one(x, sharding):
+    if sharding.is_fully_addressable or (isinstance(x, jax.Array)
+                                         and not x.is_fully_addressable):
+      return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    host = np.asarray(x)
+    host = host.astype(jax.dtypes.canonicalize_dtype(host.dtype), copy=False)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree.map(one, tree, shardings)

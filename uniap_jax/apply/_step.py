@@ -66,6 +66,15 @@ def apply_plan(plan: plans.Plan, step: Callable[..., Any], *,
   Returns:
     An `AppliedStep`: call it like `step`; `.mesh` is the mesh; `.lower(*args)` gives
     the lowered program for inspection.
+
+  Multi-process jobs (`jax.distributed.initialize`): every process applies the same plan
+  and calls the step with the same arguments. An argument that is not yet a global
+  array is the global value, the same on every process (each process keeps only its
+  shards); to feed each process its own data instead, build global arrays with
+  `jax.make_array_from_process_local_data` over `.batch_shardings(*args)`. What the
+  step returns besides its state comes back fully replicated, readable on every
+  process; the model and optimizer hold global arrays afterwards
+  (`jax.experimental.multihost_utils.process_allgather` reads them on one host).
   Raises:
     ValueError: the plan needs more devices than there are, or an unknown schedule.
   Example:
@@ -128,6 +137,15 @@ class AppliedStep:
       nnx.update(tuple(args[i] for i in prepared.nnx_args), new_state)
     return out
 
+  def batch_shardings(self, *args) -> tuple[Any, ...]:
+    """The NamedShardings of the batch arguments (pytrees like them), for these arguments.
+
+    For multi-process input pipelines, e.g.
+    `jax.make_array_from_process_local_data(sharding, local_rows)` per leaf.
+    """
+    prepared, *_ = self._prepare_for(args)
+    return prepared.batch_shardings
+
   def lower(self, *args) -> jax.stages.Lowered:
     """The lowered program for these arguments."""
     prepared, state, plain, batch = self._place(args)
@@ -166,6 +184,16 @@ class AppliedStep:
   # --- arguments ------------------------------------------------------------------------
 
   def _place(self, args):
+    prepared, state, args = self._prepare_for(args)
+    state = _mesh.place(state, prepared.state_shardings) if prepared.nnx_args else None
+    plain = tuple(_mesh.place(args[i], s)
+                  for i, s in zip(prepared.plain_args, prepared.plain_shardings))
+    batch = tuple(_mesh.place(args[i], s)
+                  for i, s in zip(prepared.batch_args, prepared.batch_shardings))
+    return prepared, state, plain, batch
+
+  def _prepare_for(self, args):
+    """The prepared signature of `args` (built on first sight), their NNX state, `args`."""
     plan = self.plan
     num_args = len(plan.param_specs) + len(plan.batch_argnums)
     if len(args) != num_args:
@@ -185,12 +213,7 @@ class AppliedStep:
       self._cache[key] = prepared
     else:
       self._check_batch(args, batch_args)
-    state = jax.device_put(state, prepared.state_shardings) if nnx_args else None
-    plain = tuple(jax.device_put(args[i], s) for i, s in zip(plain_args,
-                                                              prepared.plain_shardings))
-    batch = tuple(jax.device_put(args[i], s) for i, s in zip(batch_args,
-                                                              prepared.batch_shardings))
-    return prepared, state, plain, batch
+    return prepared, state, args
 
   def _check_batch(self, args, batch_args) -> None:
     plan = self.plan
@@ -245,6 +268,9 @@ class AppliedStep:
     flags = {"ran": False}
     root_cls = type(args[root_arg]) if root_arg is not None else None
     step, num_args = self.step, len(args)
+    # Across processes, what the step returns besides its state (loss, metrics) is
+    # replicated, so that every process can read it (`float(loss)`) like on one host.
+    replicate = NamedSharding(mesh, P()) if _mesh.spans_processes(mesh) else None
 
     def core(state_in, plain_in, batch_in):
       full = [None] * num_args
@@ -261,7 +287,7 @@ class AppliedStep:
       if nnx_args:
         _, new_state = nnx.split(objs)
         new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
-      out = _constrain_returned_state(out, plain_in, plain_shardings)
+      out = _constrain_returned_state(out, plain_in, plain_shardings, replicate)
       return new_state, out
 
     donate = (0, 1) if self.donate else ()
@@ -342,9 +368,13 @@ def _drop_axes(entry, drop):
   return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _constrain_returned_state(out, plain_in, plain_shardings):
-  """Lays a functional step's returned state out like the state it was given."""
-  if not plain_in:
+def _constrain_returned_state(out, plain_in, plain_shardings, replicate=None):
+  """Lays a functional step's returned state out like the state it was given.
+
+  With `replicate` (a fully replicated sharding), every other returned array is
+  constrained to it.
+  """
+  if not plain_in and replicate is None:
     return out
   parts = list(out) if isinstance(out, tuple) else [out]
   for k, part in enumerate(parts):
@@ -354,6 +384,11 @@ def _constrain_returned_state(out, plain_in, plain_shardings):
           for a, b in zip(jax.tree.leaves(part), jax.tree.leaves(x))):
         parts[k] = jax.lax.with_sharding_constraint(part, sh)
         break
+    else:
+      if replicate is not None:
+        parts[k] = jax.tree.map(
+            lambda y: jax.lax.with_sharding_constraint(y, replicate)
+            if isinstance(y, jax.Array) else y, part)
   return tuple(parts) if isinstance(out, tuple) else parts[0]
 
 
