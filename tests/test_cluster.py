@@ -581,3 +581,13 @@ def test_from_devices_other_errors():
     Cluster.from_devices([FakeDevice("cpu")] * 8, devices_per_node=3)
   with pytest.raises(ValueError, match="no devices given"):
     Cluster.from_devices([])
+
+
+def test_from_devices_cpu_processes_get_a_slower_level_between_them():
+  devices = [FakeDevice("cpu", process_index=i // 4, platform="cpu") for i in range(8)]
+  with pytest.warns(UserWarning, match="guessed|could not know"):
+    c = Cluster.from_devices(devices)
+  assert (c.num_nodes, c.devices_per_node) == (2, 4)
+  assert [(l.name, l.size) for l in c.levels] == [("host", 4), ("network", 2)]
+  assert c.levels[1].bandwidth_bytes_per_s < c.levels[0].bandwidth_bytes_per_s
+  assert c.levels[1].latency_s > c.levels[0].latency_s

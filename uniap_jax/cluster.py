@@ -563,6 +563,9 @@ DCN = _link("dcn", 4e9, DCN_LATENCY_S)
 # 1e8 B/s against 1e11 FLOP/s is 1000 FLOP per byte, an A100's ratio on NVLink
 # (312e12 / 300e9), so communication is neither free nor prohibitive.
 CPU_HOST = _link("host", 1e8, INTRA_NODE_LATENCY_S)
+# Between CPU processes (gloo over the network or loopback), made up the same way:
+# an A100 node's NVLink : InfiniBand HDR ratio (300 : 25) below CPU_HOST.
+CPU_NETWORK = _link("network", 1e8 * 25 / 300, INTER_NODE_LATENCY_S)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -661,7 +664,7 @@ _DEVICE_SPECS = (
     _DeviceSpec(key="cpu", device_kind="cpu", pattern=r"^cpu$",
                 peak_flops_per_s={"float32": 1e11},
                 memory_bytes=64 * _GIB, memory_bandwidth_bytes_per_s=1e10,
-                intra=CPU_HOST, inter=CPU_HOST),
+                intra=CPU_HOST, inter=CPU_NETWORK),
 )
 _SPECS_BY_KEY = types.MappingProxyType({s.key: s for s in _DEVICE_SPECS})
 
@@ -818,9 +821,9 @@ def _from_devices(devices: list[Any], devices_per_node: int | None) -> Cluster:
   if spec.key == "cpu":
     guessed.append("every figure (nominal CPU figures, see cpu-8)")
     cluster = _cpu(n, _CPU_NOTES)
-    if num_nodes > 1:
-      cluster = dataclasses.replace(
-          cluster, num_nodes=num_nodes, devices_per_node=devices_per_node)
+    if num_nodes > 1:  # processes: a slower level between them
+      cluster = _gpu("cpu", num_nodes, devices_per_node, notes=_CPU_NOTES,
+                     name=f"cpu-{num_nodes}x{devices_per_node}")
   elif spec.key.startswith("tpu"):
     cluster = _tpu_from_devices(spec, devices, devices_per_node, guessed)
   else:
