@@ -16,6 +16,7 @@ so that its single-process run trains exactly the same thing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -117,6 +118,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: pathlib.Path,
                              initialization_timeout=INIT_TIMEOUT_S)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import uniap_jax as ua  # pylint: disable=g-import-not-at-top
+  from uniap_jax import auto  # pylint: disable=g-import-not-at-top
 
   if jax.process_count() != num_processes or jax.local_device_count() != DEVICES_PER_PROCESS:
     raise RuntimeError(f"expected {num_processes} processes of {DEVICES_PER_PROCESS} devices, "
@@ -127,6 +129,11 @@ def main(process_id: int, num_processes: int, port: int, out_dir: pathlib.Path,
   plan = ua.plan(train_step, *make_state(shape_only=True), make_batch(shape_only=True),
                  cluster=cluster, pp=PP, num_microbatches=MICROBATCHES, schedule=schedule)
   (out_dir / f"plan-{process_id}.json").write_text(plan.to_json())
+  # auto_parallel settles on process 0's plan, whatever each process found.
+  mine = plan if process_id == 0 else dataclasses.replace(
+      plan, num_microbatches=plan.num_microbatches * 2)
+  agreed = auto.same_on_every_process(mine)
+  (out_dir / f"agreed-{process_id}.json").write_text(agreed.to_json())
 
   model, optimizer = make_state()
   batch = make_batch()

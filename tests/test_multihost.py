@@ -108,6 +108,8 @@ def test_two_processes_plan_alike_and_train_like_one(tmp_path, schedule):
   texts = [(tmp_path / f"plan-{i}.json").read_text() for i in range(NUM_PROCESSES)]
   plan = plans.Plan.from_json(texts[0])
   assert plans.Plan.from_json(texts[1]) == plan  # wall-clock solver times aside
+  for i in range(NUM_PROCESSES):  # process 1 was handed another plan to agree on
+    assert plans.Plan.from_json((tmp_path / f"agreed-{i}.json").read_text()) == plan
   assert plan.mesh_axes["pp"] == worker.PP and plan.schedule == schedule
   assert plan.num_devices == NUM_PROCESSES * worker.DEVICES_PER_PROCESS
 

@@ -87,7 +87,7 @@ class AutoParallel:
   def _plan_for(self, args: Sequence[Any]) -> plans.Plan:
     graph = graph_lib.trace(self._step, *args, batch_argnums=self._batch_argnums)
     path = self._cache_path(graph)
-    if path is not None and path.exists():
+    if path is not None and path.exists() and jax.process_count() == 1:
       try:
         plan = plans.Plan.from_json(path.read_text())
       except ValueError as e:
@@ -96,8 +96,8 @@ class AutoParallel:
         if plan.fingerprint == search.fingerprint(graph):
           logger.info("Loaded plan from %s", path)
           return plan
-    plan = search.plan_graph(graph, self._cluster, args=args,
-                             **dataclasses.asdict(self._options))
+    plan = same_on_every_process(search.plan_graph(graph, self._cluster, args=args,
+                                                   **dataclasses.asdict(self._options)))
     self.num_plans += 1
     if path is not None:
       path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,3 +181,26 @@ def _first_difference(old: tuple, new: tuple) -> str:
     if a != b:
       return f"argument {a[0]} leaf {a[1]!r} was {a[2]} {a[3]}, now {b[2]} {b[3]}"
   return f"{len(old)} leaves before, {len(new)} now"
+
+
+def same_on_every_process(plan: plans.Plan) -> plans.Plan:
+  """Process 0's plan, on every process of a multi-process job.
+
+  Hosts that plan on their own agree when the search is proven optimal, but a time
+  limit reached at different points can leave them with different plans, and steps
+  compiled from different plans would wait on each other's collectives forever. A
+  plan that differs from process 0's is replaced by it, with a warning.
+  """
+  if jax.process_count() == 1:
+    return plan
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = np.frombuffer(plan.to_json().encode(), dtype=np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.array(mine.size, np.int64)))
+  padded = np.zeros(size, np.uint8)
+  padded[:min(size, mine.size)] = mine[:size]
+  text = bytes(np.asarray(multihost_utils.broadcast_one_to_all(padded))).decode()
+  chosen = plans.Plan.from_json(text)
+  if chosen != plan:
+    logger.warning("Process %d planned differently from process 0 (%s); using process 0's "
+                   "plan.", jax.process_index(), plan.solver.status)
+  return chosen
