@@ -38,7 +38,6 @@ import logging
 import math
 import os
 import statistics
-import time
 from typing import Any
 import warnings
 
@@ -436,15 +435,8 @@ def fit_compute(measurements: Sequence[Measurement], cluster: cluster_lib.Cluste
 # Timing on devices.
 
 
-def _time_runs_s(fn: Callable[..., Any], args: Sequence[Any], repeats: int) -> tuple[float, ...]:
-  """Seconds of `repeats` runs of fn(*args), after one untimed (compiling) run."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return tuple(times)
+# One timing rule for kernels, collectives and layers (tests replace it by a counter).
+_time_runs_s = _layers.time_runs_s
 
 
 def _filled(shape: tuple[int, ...], dtype: str, sharding: NamedSharding) -> jax.Array:

@@ -121,8 +121,9 @@ def _synthetic(aval: Any, rng: np.random.Generator) -> Any:
   return jnp.zeros(aval.shape, aval.dtype)
 
 
-def _time_runs_s(fn: Callable[..., Any], args: Sequence[Any], repeats: int) -> tuple[float, ...]:
-  jax.block_until_ready(fn(*args))  # compile and warm up
+def time_runs_s(fn: Callable[..., Any], args: Sequence[Any], repeats: int) -> tuple[float, ...]:
+  """Seconds of `repeats` runs of fn(*args), after one untimed (compiling) run."""
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -199,7 +200,7 @@ def time_layers(step_fn: Callable[..., Any], *example_args: Any, cluster: cluste
     values = {v: _synthetic(a, rng) for v, a in program.inputs.items()}
     placed = jax.device_put(values, one)
     out.append(LayerTiming(layer=program.layer.name, count=counts[signature], predicted_s=0.0,
-                           times_s=_time_runs_s(jax.jit(program.fn), (placed,), repeats)))
+                           times_s=time_runs_s(jax.jit(program.fn), (placed,), repeats)))
     if tables is None:
       continue
     costs = tables.layer(program.layer.name)
@@ -211,7 +212,7 @@ def time_layers(step_fn: Callable[..., Any], *example_args: Any, cluster: cluste
       out.append(LayerTiming(
           layer=program.layer.name, count=counts[signature], mesh=mesh.as_dict(),
           candidate=costs.candidates[k].name, predicted_s=0.0,
-          times_s=_time_runs_s(fn, (placed,), repeats)))
+          times_s=time_runs_s(fn, (placed,), repeats)))
   return predict(graph, out, cluster)
 
 
