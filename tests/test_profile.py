@@ -380,12 +380,15 @@ def test_layer_calibration_fits_efficiency_to_the_layers_and_round_trips(layer_c
 def test_fit_layer_efficiency_recovers_a_known_efficiency(efficiency):
   step, args = _toy_step()
   graph = ua.trace(step, *args)
-  truth = dataclasses.replace(CPU, compute_efficiency=efficiency)
+  # Compute-bound figures, so that every op's time depends on the efficiency.
+  fast_memory = dataclasses.replace(CPU, memory_bandwidth_bytes_per_s=1e15)
+  truth = dataclasses.replace(fast_memory, compute_efficiency=efficiency)
   template = [profile.LayerTiming(layer=l.name, predicted_s=0.0, times_s=(1.0,))
               for l in graph.layers]
   exact = profile.predict_layers(graph, template, truth)
   timings = [dataclasses.replace(t, times_s=(t.predicted_s,)) for t in exact]
-  assert profile.fit_layer_efficiency(graph, timings, CPU) == pytest.approx(efficiency, rel=1e-3)
+  assert profile.fit_layer_efficiency(graph, timings, fast_memory) == pytest.approx(
+      efficiency, rel=1e-3)
 
 
 def test_time_layers_rejects_bad_input():
