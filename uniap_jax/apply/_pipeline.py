@@ -17,8 +17,11 @@ from each device's share of the batch, so data parallelism stays on the per-micr
 batch dim.
 
 Executors:
-  - "gpipe": autodiff through a `fori_loop` of M + S - 1 forward ticks (branches
-    rematerialised); the gradient oracle.
+  - "gpipe": autodiff through a `fori_loop` of M + S - 1 forward ticks; the gradient
+    oracle. With "uniform" stage bodies it keeps every tick's residuals (no
+    recomputation: the time and the activations in flight the cost model charges for
+    GPipe); "switch" branches are rematerialised, since a linearised switch would keep
+    the residuals of every branch.
   - "gpipe-remat", "fused", "1f1b": a `custom_vjp` whose forward rule runs the forward
     ticks and whose backward rule runs a schedule table (_schedules.py) with one
     `jax.vjp` per stage and micro-batch, recomputing the stage from its stashed input.
@@ -26,6 +29,9 @@ Executors:
     micro-batch, so "fused" and "1f1b" run their whole table (forward and backward
     entries) in the backward rule: one extra forward per micro-batch, for a stash of
     2S-3 (fused) or S (1f1b) stage inputs instead of M.
+
+What each executor compiles, collective by collective, is what
+`uniap_jax.cost.collectives_by_stage(..., executor=...)` counts (tests/test_apply.py).
 """
 
 from __future__ import annotations
@@ -338,7 +344,8 @@ class Pipeline:
         f = t - s
         valid = (f >= 0) & (f < m_count)
         mb = jnp.clip(f, 0, m_count - 1)
-        send, fin = self._forward_stage(rows, recv, [x[mb] for x in xs], s, valid, remat=True)
+        send, fin = self._forward_stage(rows, recv, [x[mb] for x in xs], s, valid,
+                                        remat=self.uniform is None)
         write = valid & (s == s_count - 1)
         outs = [lax.dynamic_update_index_in_dim(o, jnp.where(write, v, o[mb]), mb, 0)
                 for o, v in zip(outs, fin)]

@@ -5,7 +5,9 @@ cluster's peaks (backward from the traced backward ops), alpha-beta collectives 
 topology level, memory of parameters, gradients, optimizer state and the activations
 of the micro-batches in flight. `build_cost_tables` produces the tables one
 configuration of the outer search turns into a `uniap_jax.solver.Problem`;
-`predicted_collectives` sums a chosen plan's collectives as XLA's HLO shows them.
+`predicted_collectives` sums a chosen plan's collectives as XLA's HLO shows them
+(per micro-batch as the paper prices them, or tick by tick as `uniap_jax.apply`'s
+pipeline executors run them).
 """
 
 from uniap_jax.cost._formulas import MIXED_PRECISION_ADAM_BYTES_PER_PARAM as MIXED_PRECISION_ADAM_BYTES_PER_PARAM
@@ -14,8 +16,12 @@ from uniap_jax.cost._formulas import comm_time_s as comm_time_s
 from uniap_jax.cost._formulas import model_state_bytes as model_state_bytes
 from uniap_jax.cost._formulas import roofline_time_s as roofline_time_s
 from uniap_jax.cost._formulas import send_time_s as send_time_s
+from uniap_jax.cost._predict import EXECUTORS as EXECUTORS
 from uniap_jax.cost._predict import collectives_by_stage as collectives_by_stage
+from uniap_jax.cost._predict import manual_axes as manual_axes
 from uniap_jax.cost._predict import predicted_collectives as predicted_collectives
+from uniap_jax.cost._predict import runtime_runs as runtime_runs
+from uniap_jax.cost._predict import runtime_step_time_s as runtime_step_time_s
 from uniap_jax.cost._tables import CostTables as CostTables
 from uniap_jax.cost._tables import EdgeCosts as EdgeCosts
 from uniap_jax.cost._tables import LayerCosts as LayerCosts
