@@ -89,7 +89,7 @@ class Head(nnx.Module):
                                                                              rngs=rngs), hook
 
   def __call__(self, x, labels):
-    logits = self.out(self.ln(x))
+    logits = self.hook("logits", self.out(self.ln(self.hook("head_in", x))))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -185,6 +185,13 @@ CASES = {
                            "block": (_MEGATRON, [("dp",)]),
                            "head": ({"out/kernel": (None, "tp"), "ln/scale": R},
                                     [("dp",), ("dp",)])}),
+    # Megatron with sequence parallelism on the whole model: vocabulary-parallel
+    # embedding, the block's norms and residuals split along the sequence, and a
+    # vocabulary-parallel head and cross-entropy on the gathered sequence.
+    ("gpt", "sp"): (2, {"embed": ({"embedding": ("tp",)}, [("dp",)]),
+                        "block": (_MEGATRON, [("dp", "tp")]),
+                        "head": ({"out/kernel": (None, "tp"), "ln/scale": R},
+                                 [("dp",), ("dp",)])}),
     ("gpt", "fsdp"): (2, {"embed": ({"embedding": (None, ALL[0])}, [ALL]),
                           "block": (_FSDP_BLOCK, [ALL]),
                           "head": ({"out/kernel": ALL, "ln/scale": ALL}, [ALL, ALL])}),
@@ -228,7 +235,18 @@ def _internal_specs(graph, tables, choice, mesh_shape):
   other = lambda kernel: next(i for i in dot_with(kernel).in_ids if i != param[kernel])
   values = {"q": head_split("q"), "k": head_split("k"), "v": head_split("v"),
             "att": other("o"), "up": other("down")}
-  return {n: strategies.to_spec(layouts[v], mesh_shape.names) for n, v in values.items()}
+  specs = {n: strategies.to_spec(layouts[v], mesh_shape.names) for n, v in values.items()}
+  if "head" in choice:  # the logits (after the bias add), as the head's candidate has them
+    head = graph.layer("head")
+    ir = strategies.build_ir(head, strategies.analyze(graph))
+    layouts = strategies.value_layouts(ir, mesh_shape, tables.layer("head").candidates[
+        choice["head"]])
+    kernel = next(p.value_id for p in head.params if p.path.endswith("out/kernel"))
+    forward = [o.op for o in ir.ops if o.op.phase == "forward"]
+    dot = next(op for op in forward if op.primitive == "dot_general" and kernel in op.in_ids)
+    bias_add = next(op for op in forward if dot.out_ids[0] in op.in_ids and op.primitive == "add")
+    specs["logits"] = strategies.to_spec(layouts[bias_add.out_ids[0]], mesh_shape.names)
+  return specs
 
 
 def _compile(model_cls, graph, tables, choice, mesh_shape, pin_internal):
@@ -239,6 +257,8 @@ def _compile(model_cls, graph, tables, choice, mesh_shape, pin_internal):
   for layer in tables.layers:
     params.update(layer.param_specs(choice[layer.name]))
     outputs[layer.name] = layer.candidates[choice[layer.name]].output_specs[0]
+  if "head" in choice:  # the head's input as its candidate takes it (after the edge)
+    outputs["head_in"] = tables.layer("head").candidates[choice["head"]].input_specs[0]
   if pin_internal:
     outputs.update(_internal_specs(graph, tables, choice, mesh_shape))
   batch_specs = {}
@@ -295,7 +315,7 @@ def _setup(model_name, sharding):
 
 FAST = [("mlp", s) for s in ("dp", "tp", "dp_tp", "fsdp", "replicated")] + [
     ("block", s) for s in ("dp", "tp", "dp_tp", "sp", "fsdp", "replicated")] + [
-        ("gpt", "dp_tp"), ("gpt", "fsdp")]
+        ("gpt", "dp_tp"), ("gpt", "sp"), ("gpt", "fsdp")]
 SLOW = [("gpt", "dp"), ("gpt", "tp"), ("gpt", "replicated")]
 
 
@@ -314,7 +334,8 @@ def test_collectives_equal_what_xla_compiles(model_name, sharding):
   kinds = cost.predicted_collectives(tables, choice)
   assert kinds == pytest.approx(hlo.bytes_by_kind(hlo.parse(compiled.as_text())), rel=0.01)
 
-  # Memory: what the step holds as arguments is exact; the peak within 25%.
+  # Memory: what the step holds as arguments is exact; the peak within 10%, except
+  # where XLA:CPU materialises broadcasts (see _CPU_BROADCASTS).
   analysis = compiled.memory_analysis()
   state = sum(l.state_bytes[choice[l.name]] for l in tables.layers)
   assert state + _batch_bytes(graph, tables, choice, mesh_shape) == pytest.approx(
@@ -323,7 +344,24 @@ def test_collectives_equal_what_xla_compiles(model_name, sharding):
               analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
   model_peak = sum(l.memory_bytes(1, accumulate=False)[choice[l.name]] for l in tables.layers
                    ) + max(l.temp_bytes[choice[l.name]] for l in tables.layers)
-  assert model_peak == pytest.approx(xla_peak, rel=0.25)
+  if (model_name, sharding) in _CPU_BROADCASTS:
+    assert 0.75 * xla_peak < model_peak < xla_peak
+  else:
+    assert model_peak == pytest.approx(xla_peak, rel=0.10)
+
+
+# Tensor parallel with replicated [b, s, h] activations: XLA:CPU's XNNPACK fusions do
+# not fuse a broadcast into the reduction that reads it (the layer norms' weight
+# gradients), so the broadcast [b, s, h] copies of the norms' statistics and scales
+# are materialised, shared with the forward pass by CSE and kept until the backward
+# reads them: about six [b, s, h] buffers the model, which assumes broadcasts fuse
+# into their readers (as XLA:GPU's reduction fusions do), does not hold. Under
+# sequence parallelism the head's norm runs on the gathered sequence (the same
+# effect), and a residual that a layer slices from its input (the block's input,
+# sliced along the sequence from the embedding's all-reduced output) is kept unsliced
+# because XLA fuses the slice into its readers.
+_CPU_BROADCASTS = {("block", "tp"), ("block", "dp_tp"), ("gpt", "tp"), ("gpt", "dp_tp"),
+                   ("gpt", "sp")}
 
 
 def _batch_bytes(graph, tables, choice, mesh_shape):
@@ -440,7 +478,8 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
   t = cost.roofline_time_s(flops, nbytes, ["bfloat16", "bfloat16"], A100_2X8)
   eff = A100_2X8.compute_efficiency
   assert t[0] == pytest.approx(1e12 / A100_2X8.peak_flops("bfloat16") / eff)
-  assert t[1] == pytest.approx(1e9 / A100_2X8.memory_bandwidth_bytes_per_s / eff)
+  # The FLOP efficiency scales compute only; memory-bound ops run at the bandwidth.
+  assert t[1] == pytest.approx(1e9 / A100_2X8.memory_bandwidth_bytes_per_s)
 
 
 def test_in_flight_micro_batches_per_schedule():
@@ -466,8 +505,11 @@ def test_pareto_pruning_keeps_every_undominated_candidate(block_graph):
   kept = cost.build_cost_tables(block_graph, CPU8, mesh=mesh_shape)
   for lf, lk in zip(full.layers, kept.layers):
     assert 0 < len(lk.candidates) < len(lf.candidates) == lk.num_costed
-    vec = lambda l, k: np.array([l.microbatch_time_s[k], l.step_time_s[k], l.state_bytes[k],
-                                 l.grad_bytes[k], l.activation_bytes[k]])
+    # With one micro-batch the solver sees a candidate's time (per micro-batch plus
+    # per step) and its memory (state plus the larger of gradients and activations).
+    vec = lambda l, k: np.array([l.microbatch_time_s[k] + l.step_time_s[k],
+                                 l.state_bytes[k] + max(l.grad_bytes[k],
+                                                        l.activation_bytes[k])])
     kept_names = {c.name for c in lk.candidates}
     for i, c in enumerate(lf.candidates):
       if c.name in kept_names:

@@ -4,6 +4,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -210,6 +211,45 @@ def test_recomputation_trades_activation_memory_for_forward_time(mlp):
   assert len(remat.comms) >= len(plain.comms)
 
 
+def test_recomputation_keeps_the_peak_and_lowers_what_is_held_between_passes(mlp):
+  """Re-running the forward inside the backward reaches the same working peak."""
+  _, _, irs = mlp
+  mesh = strategies.mesh_shapes(CPU8, 8)[0]
+  ir = irs["l2"]
+  plain, remat = strategies.layer_candidates(
+      ir, mesh, assignments_=[(tuple(sorted(ir.batch_labels)),)])
+  peak = lambda c: c.temp_bytes + max(c.activation_bytes, c.grad_bytes)
+  assert peak(remat) == pytest.approx(peak(plain))
+  assert remat.activation_bytes <= plain.activation_bytes
+  assert 0 <= plain.temp_bytes <= remat.temp_bytes
+
+
+class GeluMLP(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(32, 64, rngs=rngs)
+    self.l2 = nnx.Linear(64, 32, rngs=rngs)
+
+  def __call__(self, x):
+    return self.l2(jax.nn.gelu(self.l1(x)))
+
+
+def test_cheap_chains_are_recomputed_not_kept():
+  """GELU keeps its input and tanh; 0.5 * (1 + tanh(.)) and x**3 are recomputed."""
+  model = nnx.eval_shape(lambda: GeluMLP(nnx.Rngs(0)))
+  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, optax.sgd(1e-3), wrt=nnx.Param),
+                             model)
+  data = {"x": jax.ShapeDtypeStruct((16, 32), jnp.float32),
+          "y": jax.ShapeDtypeStruct((16, 32), jnp.float32)}
+  graph = graph_lib.trace(_train_step, model, optimizer, data)
+  ir = strategies.build_ir(graph.layer("l1"), strategies.analyze(graph))
+  producer = {v: o.op.primitive for o in ir.ops for v in o.op.out_ids}
+  residuals = sorted(producer.get(v, "input") for v in ir.residual_ids)
+  kept = sorted(producer.get(v, "input") for v in ir.kept_ids)
+  assert len(residuals) > len(kept)  # the elementwise chain is among the residuals
+  assert kept == ["add", "input", "tanh"]  # x, x @ W + b, tanh(.)
+
+
 def test_a_mesh_axis_that_does_not_divide_removes_the_candidate():
   graph = _mlp_graph(batch=16, hidden=32, ffn=6)
   info = strategies.analyze(graph)
@@ -283,3 +323,47 @@ def test_unsupported_primitive_is_replicated_with_one_warning():
   # Data parallel still works around it: the cumsum's operand is gathered.
   dp = next(c for c in cands if c.input_specs == (("dp",),))
   assert any(c.kind == "all-gather" and c.phase == "forward" for c in dp.comms)
+
+
+# --- Captured constants -----------------------------------------------------------------
+
+class Masked(nnx.Module):
+  """Multiplies by a numpy mask closed over by the model (as Swin's shifted windows do)."""
+
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    mask = np.tril(np.ones((8, 8), np.float32))  # a jaxpr constant, not an input
+    return self.lin(x) * jnp.broadcast_to(mask[None], (x.shape[0], 8, 8))
+
+
+class MaskedModel(nnx.Module):
+
+  def __init__(self, rngs):
+    self.masked = Masked(rngs)
+    self.out = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(self.masked(x))
+
+
+def test_a_captured_constant_is_broadcast_like_any_operand():
+  """Regression: a broadcast of a captured array constant (id -1, shape in in_types)."""
+  model = nnx.eval_shape(lambda: MaskedModel(nnx.Rngs(0)))
+  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, optax.sgd(1e-3), wrt=nnx.Param),
+                             model)
+  data = {"x": jax.ShapeDtypeStruct((8, 8, 8), jnp.float32),
+          "y": jax.ShapeDtypeStruct((8, 8, 8), jnp.float32)}
+  graph = graph_lib.trace(_train_step, model, optimizer, data)
+  info = strategies.analyze(graph)
+  ir = strategies.build_ir(graph.layer("masked"), info)
+  constant_broadcasts = [o for o in ir.ops if o.family == "broadcast" and o.op.in_ids[0] < 0
+                         and len(o.op.in_types[0].shape) > 0]
+  assert constant_broadcasts, "the model no longer broadcasts a captured constant"
+  mesh = strategies.mesh_shapes(CPU8, 8)[0]
+  cands = strategies.layer_candidates(ir, mesh, recompute=False)
+  dp = next(c for c in cands if c.input_specs == (("dp",),) and c.param_specs[0] == ())
+  # The constant is on every device: slicing it to the batch split costs nothing, so
+  # data parallel only synchronises gradients.
+  assert [(c.kind, c.per_step) for c in dp.comms] == [("all-reduce", True)]

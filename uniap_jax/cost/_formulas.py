@@ -102,12 +102,19 @@ def _peak(cluster: cluster_lib.Cluster, dtype: str) -> float:
 
 def roofline_time_s(flops: np.ndarray, nbytes: np.ndarray, dtypes: Sequence[str],
                     cluster: cluster_lib.Cluster) -> np.ndarray:
-  """Per op: max(FLOPs / peak(dtype), bytes / memory bandwidth) / efficiency, in seconds."""
+  """Per op: max(FLOPs / (peak(dtype) x efficiency), bytes / memory bandwidth), in seconds.
+
+  `compute_efficiency` is the fraction of peak FLOP/s kernels reach; it scales the
+  compute term only. Memory-bound kernels are limited by the memory bandwidth, which
+  is the figure they reach (calibration fits it from elementwise ops as achieved
+  bytes per second); dividing it by the FLOP efficiency as well would charge an
+  elementwise op 1 / efficiency times its time.
+  """
   peaks = {d: _peak(cluster, d) for d in set(dtypes)}
   peak = np.array([peaks[d] for d in dtypes], dtype=np.float64)
-  compute = flops / peak
+  compute = flops / (peak * cluster.compute_efficiency)
   memory = nbytes / cluster.memory_bandwidth_bytes_per_s
-  return np.maximum(compute, memory) / cluster.compute_efficiency
+  return np.maximum(compute, memory)
 
 
 def model_state_bytes(num_params: float, param_dtype: str, *, shard_degree: int = 1,

@@ -4,7 +4,7 @@ For a layer and an intra-stage mesh, `layer_candidates` labels the layer's tenso
 dimensions (`_ir`), enumerates which labels each mesh axis splits (`_candidates`),
 and applies one sharding rule per primitive family (`_rules`) to find, per candidate,
 the collectives one device issues, the FLOPs and bytes it handles per op, and what it
-holds in memory. Seconds are the cost model's business (`uniap_jax.cost`).
+holds in memory (its peak from the values' live intervals, `_liveness`). Seconds are the cost model's business (`uniap_jax.cost`).
 
 Data parallel, FSDP/ZeRO-3, Megatron tensor parallel and sequence parallel come out
 as special cases of one mechanism; see `_candidates` for how.

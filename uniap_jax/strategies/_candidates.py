@@ -30,6 +30,7 @@ import numpy as np
 
 from uniap_jax.strategies import _ir
 from uniap_jax.strategies import _layout
+from uniap_jax.strategies import _liveness
 from uniap_jax.strategies import _mesh
 from uniap_jax.strategies import _rules
 from uniap_jax.strategies._layout import Comm, Layout
@@ -64,9 +65,15 @@ class Candidate:
     activation_bytes: per device and micro-batch, kept from forward to backward.
     batch_bytes: per device and micro-batch, the batch leaves this layer reads (not
       already counted as activations).
-    temp_bytes: per device, the largest working set of one op beyond what is counted
-      elsewhere: its non-stored operands (as resharded), gathered copies, unreduced
-      partial results and its results.
+    temp_bytes: per device, what the layer needs at its peak beyond the larger of
+      its activations and its gradients: the most bytes its own values occupy at once
+      (a sweep over its ops with each value's live interval, resharded copies and
+      unreduced partial results included; see `_liveness`), minus that
+      larger figure. While a layer's backward pass runs, earlier layers hold their
+      activations and later ones their gradients, so a stage's peak is at most the
+      sum over its layers of max(activations, gradients) plus the largest
+      temp_bytes; with recomputation the forward runs again inside the backward
+      pass, so the peak is the same over less memory held in between.
   """
 
   name: str
@@ -226,10 +233,6 @@ class _Evaluator:
       return o.op.out_types[0].dtype if o.op.out_types else "float32"
     self.op_dtype = tuple(rate(o) for o in ops)
     self.op_flops = np.array([o.flops for o in ops], dtype=np.float64)
-    # Values counted elsewhere (stored, or fused into their readers) are left out of
-    # an op's working set.
-    self.stored = frozenset((*ir.param_ids, *ir.opt_state_ids, *ir.kept_ids, *ir.batch_ids,
-                             *ir.fused_ids))
     self.param_set = frozenset(ir.param_ids)
     self.nbytes = {vid: v.nbytes for vid, v in ir.values.items()}
     self._counts: dict[Layout, int] = {}
@@ -238,17 +241,71 @@ class _Evaluator:
       out0 = ir.values[o.op.out_ids[0]].shape if o.op.out_ids else ()
       implicit = tuple(o.family == "elementwise" and v >= 0 and ir.values[v].shape != out0
                        for v in o.op.in_ids)
-      self.op_info.append((o, o.op.in_ids, o.op.out_ids, implicit))
+      # Literals and captured constants (id -1, e.g. a numpy table closed over by the
+      # model) have their shape in the op's types; every device holds them whole, so
+      # they arrive replicated and any slice of them is free.
+      in_shapes = tuple(ir.values[v].shape if v >= 0 else tuple(t.shape)
+                        for v, t in zip(o.op.in_ids, o.op.in_types))
+      literal = tuple(None if v >= 0 else tuple(() for _ in s)
+                      for v, s in zip(o.op.in_ids, in_shapes))
+      self.op_info.append((o, o.op.in_ids, o.op.out_ids, implicit, in_shapes, literal))
+    # Per op: keys into the layouts of `_layouts` (operands, literals with keys of
+    # their own, -1 - position, then results), the operand count, phase, operand ids.
+    self.literal_layouts: dict[int, Layout] = {}
+    self.op_keys = []
+    for k, (o, in_ids, out_ids, _, _, literal) in enumerate(self.op_info):
+      keys = []
+      for v, lit in zip(in_ids, literal):
+        if v < 0:
+          v = -1 - len(self.literal_layouts)
+          self.literal_layouts[v] = lit
+        keys.append(v)
+      self.op_keys.append((tuple(keys) + tuple(out_ids), len(keys), o.op.phase, in_ids))
+    # What a rule reads of an op besides layouts: family, parameters, shapes.
+    signatures: dict[tuple, int] = {}
+    self.op_sig = []
+    for o, _, out_ids, _, in_shapes, _ in self.op_info:
+      try:
+        params = o.op.params
+        hash(params)
+      except TypeError:
+        params = repr(o.op.params)
+      sig = (o.family, o.op.primitive, params, in_shapes,
+             tuple(ir.values[v].shape for v in out_ids))
+      self.op_sig.append(signatures.setdefault(sig, len(signatures)))
+    # What an op's effect reads besides layouts: the plan's signature, the phase, the
+    # operands' and results' sizes and roles. Ops alike in these share effects.
+    effect_sigs: dict[tuple, int] = {}
+    self.effect_sig = []
+    for k, (o, in_ids, out_ids, implicit, _, _) in enumerate(self.op_info):
+      sig = (self.op_sig[k], o.op.phase, implicit,
+             tuple(-1 if v < 0 else (self.nbytes[v], v in ir.constant_ids) for v in in_ids),
+             tuple((self.nbytes[v], v in ir.grad_like_ids) for v in out_ids))
+      self.effect_sig.append(effect_sigs.setdefault(sig, len(effect_sigs)))
+    self._effects: dict[tuple, tuple] = {}
+    self._layout_ids: dict[Layout, int] = {}
+    self._specs: dict[Layout, tuple] = {}
+    self._layout_list: list[Layout] = []
+    self._comms: dict[tuple, Comm] = {}
+    self._groups: list[tuple[_ir.Value, list[int]]] | None = None
+    self.live = _liveness.intervals(ir)
 
   def _layouts(self, assignment: Assignment) -> dict[int, Layout]:
-    cache: dict[tuple, Layout] = {}
-    out = {}
-    for vid, v in self.ir.values.items():
-      key = (v.labels, v.shape)
-      lay = cache.get(key)
-      if lay is None:
-        lay = cache[key] = tensor_layout(v, assignment, self.sizes)
-      out[vid] = lay
+    """Value id (and literal key) -> layout; values alike in labels and shape share one."""
+    if self._groups is None:
+      groups: dict[tuple, list[int]] = {}
+      for vid, v in self.ir.values.items():
+        groups.setdefault((v.labels, v.shape), []).append(vid)
+      self._groups = [(self.ir.values[vids[0]], vids) for vids in groups.values()]
+    out = dict(self.literal_layouts)
+    ids = self._layout_ids
+    out_ids = {v: ids.setdefault(lay, len(ids)) for v, lay in out.items()}
+    sizes = self.sizes
+    for value, vids in self._groups:
+      lay = tensor_layout(value, assignment, sizes)
+      out.update(dict.fromkeys(vids, lay))
+      out_ids.update(dict.fromkeys(vids, ids.setdefault(lay, len(ids))))
+    self._last_ids = out_ids
     return out
 
   def _valid(self, assignment: Assignment, layouts: Mapping[int, Layout]) -> bool:
@@ -278,88 +335,68 @@ class _Evaluator:
     nbytes_of = self.nbytes
     comms: dict[tuple, tuple[float, int]] = {}
     n_ops = len(ir.ops)
-    op_bytes = np.zeros(n_ops)
-    op_frac = np.ones(n_ops)
+    op_bytes = [0.0] * n_ops
+    op_frac = [1.0] * n_ops
+    transient = [0.0] * n_ops  # bytes alive only while op k runs
     seen_reshards: dict[tuple, set[str]] = {}
-    reshard_bytes: dict[tuple, float] = {}
-    temp_forward = temp_backward = 0.0
-    for k, (o, in_ids, out_ids, implicit) in enumerate(self.op_info):
-      op = o.op
-      ins = tuple(layouts[v] if v >= 0 else None for v in in_ids)
-      outs = tuple(layouts[v] for v in out_ids)
-      key = (k, ins, outs)
-      plan = self._plans.get(key)
-      if plan is None:
-        ctx = _rules.Context(
-            op=o, ins=ins, outs=outs,
-            in_shapes=tuple(ir.values[v].shape if v >= 0 else None for v in in_ids),
-            out_shapes=tuple(ir.values[v].shape for v in out_ids), sizes=sizes)
-        plan = self._plans[key] = _rules.RULES.get(o.family, _rules.rule_other)(ctx)
-      op_frac[k] = plan.frac
-      moved = local_in = working = 0.0
-      for v, src, dst, bcast in zip(in_ids, ins, plan.in_targets, implicit):
-        if v < 0 or dst is None:
-          continue
-        nbytes = nbytes_of[v]
-        here = nbytes / count(dst)
-        local_in += here
-        if v not in self.stored:
-          working += here
-        if src == dst or v in ir.constant_ids:
-          continue
+    reshard_span: dict[tuple, list] = {}  # rkey -> [first op, last op, bytes of the copy]
+    # Layouts as small integers, so that an op's memo key is a flat tuple.
+    ids = self._layout_ids
+    layout_id = self._last_ids
+    if len(self._layout_list) < len(ids):
+      self._layout_list.extend(sorted(ids, key=ids.__getitem__)[len(self._layout_list):])
+    get_id = layout_id.__getitem__
+    effects, effect_sig = self._effects, self.effect_sig
+    for k, (keys, n_in, phase, in_ids) in enumerate(self.op_keys):
+      key = (effect_sig[k], *map(get_id, keys))
+      effect = effects.get(key)
+      if effect is None:
+        lays = self._layout_list
+        effect = effects[key] = self._effect(k, tuple(lays[i] for i in key[1:n_in + 1]),
+                                             tuple(lays[i] for i in key[n_in + 1:]))
+      op_frac[k], op_bytes[k], reshards, finishes, transient[k] = effect
+      for pos, dst, bcast, copy, rextra, rcomms in reshards:
         # XLA reshards a value once for all its readers (its partitioner caches the
         # reshard), except an operand an elementwise op broadcasts implicitly: the
         # lowering makes a broadcast per reader, and each is resharded on its own.
-        rkey = (v, dst, k) if bcast else (v, dst)
+        # The copy lives from its first reader to its last.
+        rkey = (in_ids[pos], dst, k) if bcast else (in_ids[pos], dst)
         phases = seen_reshards.get(rkey)
         if phases is not None:
-          phases.add(op.phase)
+          phases.add(phase)
+          reshard_span[rkey][1] = k
           continue
-        seen_reshards[rkey] = {op.phase}
-        result = self._reshard.get((src, dst, nbytes))
-        if result is None:
-          result = self._reshard[(src, dst, nbytes)] = _layout.reshard(src, dst, nbytes, sizes)
-        rcomms, peak = result
-        reshard_bytes[rkey] = peak
-        moved += peak
-        for kind, axes, b in rcomms:
-          self._add(comms, kind, axes, b, op.phase, False)
-      local_out = 0.0
-      for v, natural, partial, target in zip(out_ids, plan.out_natural, plan.out_partial, outs):
-        nbytes = nbytes_of[v]
-        here = nbytes / count(target)
-        local_out += here
-        if v not in self.stored:
-          working += here
-        if natural == target and not partial:
-          continue
-        fkey = (natural, partial, target, nbytes)
-        result = self._finish.get(fkey)
-        if result is None:
-          result = self._finish[fkey] = _layout.finish(natural, partial, target, nbytes, sizes)
-        fcomms, peak = result
-        moved += peak
-        per_step = op.phase == "optimizer" or (op.phase == "backward" and v in ir.grad_like_ids)
-        for kind, axes, b in fcomms:
-          self._add(comms, kind, axes, b, op.phase, per_step)
-      op_bytes[k] = local_in + local_out
-      # The backward's working sets, which see every kept activation, decide the peak;
-      # forward transients count once the forward is re-run inside the backward.
-      if op.phase == "forward":
-        temp_forward = max(temp_forward, working + moved)
-      else:
-        temp_backward = max(temp_backward, working + moved)
+        seen_reshards[rkey] = {phase}
+        reshard_span[rkey] = [k, k, copy]
+        transient[k] += rextra
+        for ckey, b in rcomms:
+          total, n = comms.get(ckey, (0.0, 0))
+          comms[ckey] = (total + b, n + 1)
+      for ckey, b in finishes:
+        total, n = comms.get(ckey, (0.0, 0))
+        comms[ckey] = (total + b, n + 1)
+    op_bytes = np.array(op_bytes)
+    op_frac = np.array(op_frac)
     local = lambda v: nbytes_of[v] / count(layouts[v])
+    count_of = self._count
+    peak_bytes = _liveness.peak_bytes(
+        self.live, [count_of(layouts[v]) for v in self.live.ids], reshard_span.values(),
+        transient)
     param_bytes = sum(local(v) for v in ir.param_ids)
     optimizer_bytes = sum(local(v) for v in ir.opt_state_ids)
     grad_bytes = sum(local(v) for v in ir.grad_ids) if ir.grad_ids else param_bytes
     param_elements = sum(math.prod(ir.values[v].shape) / count(layouts[v]) for v in ir.param_ids)
-    comm_list = [Comm(kind=kind, axes=tuple(self.names[a] for a in axes), bytes=b / n,
-                      phase=phase, per_step=per_step, count=n)
-                 for (kind, axes, phase, per_step), (b, n) in sorted(comms.items())]
+    comm_list = [self._comm(key, total, n) for key, (total, n) in sorted(comms.items())]
     flops = self.op_flops * op_frac
     names = ir.label_names
-    to_spec = lambda lay: _layout.to_spec(lay, self.names)
+    specs = self._specs
+
+    def to_spec(lay: Layout) -> tuple:
+      spec = specs.get(lay)
+      if spec is None:
+        spec = specs[lay] = _layout.to_spec(lay, self.names)
+      return spec
+
     common = dict(
         assignment=tuple(tuple(names[l] for l in prefs) for prefs in assignment),
         param_specs=tuple(to_spec(layouts[v]) for v in ir.param_ids),
@@ -378,29 +415,86 @@ class _Evaluator:
         activation = sum(local(v) for v in ir.input_ids)
         fwd = [c for c in comm_list if c.phase == "forward"]
         cands_comms = tuple(comm_list + [dataclasses.replace(c, phase="recompute") for c in fwd])
-        temp = max(temp_forward, temp_backward)
+        # The forward runs again inside the backward pass: the same peak as without
+        # recomputation, over less memory held in between.
+        temp = max(0.0, peak_bytes - max(activation, grad_bytes))
       else:
         activation = sum(local(v) for v in ir.kept_ids if v not in ir.constant_ids)
         # Parameters gathered in the forward pass and read again by the backward pass
         # stay alive in between (XLA reuses the gathered copy).
-        activation += sum(b for key, b in reshard_bytes.items()
+        activation += sum(span[2] for key, span in reshard_span.items()
                           if key[0] in self.param_set
                           and {"forward", "backward"} <= seen_reshards[key])
         cands_comms = tuple(comm_list)
-        temp = temp_backward
+        temp = max(0.0, peak_bytes - max(activation, grad_bytes))
       out.append(Candidate(name=name + (" +remat" if recompute else ""), recompute=recompute,
                            comms=cands_comms, activation_bytes=activation, temp_bytes=temp,
                            **common))
     return out
 
-  @staticmethod
-  def _add(comms: dict, kind: str, axes: tuple[int, ...], b: float, phase: str,
-           per_step: bool) -> None:
-    """Collectives of one kind, axes and phase are kept as (total bytes, count)."""
-    key = (kind, axes, phase, per_step)
-    total, n = comms.get(key, (0.0, 0))
-    comms[key] = (total + b, n + 1)
+  def _comm(self, key: tuple, total: float, n: int) -> Comm:
+    """The Comm of `n` collectives of one (kind, axes, phase, per_step), shared."""
+    comm = self._comms.get((key, total, n))
+    if comm is None:
+      kind, axes, phase, per_step = key
+      comm = self._comms[(key, total, n)] = Comm(
+          kind=kind, axes=tuple(self.names[a] for a in axes), bytes=total / n, phase=phase,
+          per_step=per_step, count=n)
+    return comm
 
+  def _effect(self, k: int, ins: tuple[Layout, ...], outs: tuple[Layout, ...]) -> tuple:
+    """What op k does under the given operand and result layouts, for `evaluate`.
+
+    Returns (FLOP fraction, local bytes, reshards, finishing collectives, transient
+    bytes): reshards as (operand position, target layout, implicitly broadcast, bytes
+    of the copy, bytes on the way, collectives); collectives as ((kind, axes, phase,
+    per_step), bytes). Shared by ops with the same `effect_sig`.
+    """
+    ir, sizes, count, nbytes_of = self.ir, self.sizes, self._count, self.nbytes
+    o, in_ids, out_ids, implicit, in_shapes, _ = self.op_info[k]
+    phase = o.op.phase
+    plan_key = (self.op_sig[k], ins, outs)  # ops alike in all a rule reads share plans
+    plan = self._plans.get(plan_key)
+    if plan is None:
+      ctx = _rules.Context(
+          op=o, ins=ins, outs=outs, in_shapes=in_shapes,
+          out_shapes=tuple(ir.values[v].shape for v in out_ids), sizes=sizes)
+      plan = self._plans[plan_key] = _rules.RULES.get(o.family, _rules.rule_other)(ctx)
+    local_in = 0.0
+    reshards = []
+    for pos, (v, src, dst, bcast) in enumerate(zip(in_ids, ins, plan.in_targets, implicit)):
+      if v < 0 or dst is None:
+        continue
+      nbytes = nbytes_of[v]
+      here = nbytes / count(dst)
+      local_in += here
+      if src == dst or v in ir.constant_ids:
+        continue
+      result = self._reshard.get((src, dst, nbytes))
+      if result is None:
+        result = self._reshard[(src, dst, nbytes)] = _layout.reshard(src, dst, nbytes, sizes)
+      rcomms, peak = result
+      # A pure slice is fused into its reader; buffers on the way (all-to-alls) live
+      # while the op runs.
+      copy = here if rcomms else 0.0
+      reshards.append((pos, dst, bcast, copy, max(0.0, peak - copy) if rcomms else 0.0,
+                       tuple(((kind, axes, phase, False), b) for kind, axes, b in rcomms)))
+    local_out = extra = 0.0
+    finishes = []
+    for v, natural, partial, target in zip(out_ids, plan.out_natural, plan.out_partial, outs):
+      nbytes = nbytes_of[v]
+      local_out += nbytes / count(target)
+      if natural == target and not partial:
+        continue
+      fkey = (natural, partial, target, nbytes)
+      result = self._finish.get(fkey)
+      if result is None:
+        result = self._finish[fkey] = _layout.finish(natural, partial, target, nbytes, sizes)
+      fcomms, peak = result
+      extra += peak  # the unreduced or not yet resharded result
+      per_step = phase == "optimizer" or (phase == "backward" and v in ir.grad_like_ids)
+      finishes.extend(((kind, axes, phase, per_step), b) for kind, axes, b in fcomms)
+    return plan.frac, local_in + local_out, tuple(reshards), tuple(finishes), extra
 
 def value_layouts(ir: _ir.LayerIR, mesh: _mesh.MeshShape,
                   candidate: Candidate) -> dict[int, Layout]:

@@ -293,38 +293,60 @@ def _kept(ops: Sequence[graph_lib.Op], residuals: Sequence[int],
           inputs: set[int]) -> tuple[int, ...]:
   """The values stored for the backward pass (see LayerIR.kept_ids).
 
-  A residual made by a cheap elementwise op from values that are stored anyway (or
-  are parameters, inputs, constants) is recomputed inside the backward fusion that
-  reads it; dropping it never adds memory. Latest residuals are tried first, so a
-  chain of such ops collapses onto the value it starts from.
+  A residual made by cheap elementwise ops (a chain of them, e.g. GELU's
+  0.5 * (1 + tanh(.))) from values that are stored anyway (or are parameters, inputs,
+  constants) is recomputed inside the backward fusions that read it; dropping it
+  never adds memory. Only fusions can do that: a residual that a matmul, reduction
+  or gather of the backward pass reads needs a buffer, and XLA's CSE makes that the
+  forward pass's (e.g. a layer norm's output, which the next matmul's weight gradient
+  reads). Latest residuals are tried first, so a chain collapses onto the value it
+  starts from.
   """
   producer = {v: op for op in ops if op.phase == "forward" for v in op.out_ids}
+  unfused_reader = {v for op in ops if op.phase == "backward" and family_of(op) not in FUSIBLE
+                    for v in op.in_ids}
   kept = set(residuals)
   order = {v: i for i, v in enumerate(producer)}
+
+  def recomputable(v: int, memo: dict[int, bool], depth: int) -> bool:
+    if v in kept or v in inputs or v not in producer:
+      return True
+    if v not in memo:
+      op = producer[v]
+      memo[v] = depth < _RECOMPUTE_DEPTH and op.primitive in _CHEAP and all(
+          recomputable(i, memo, depth + 1) for i in op.in_ids if i >= 0)
+    return memo[v]
+
   changed = True
   while changed:
     changed = False
     for v in sorted(kept, key=lambda v: -order.get(v, -1)):
       op = producer.get(v)
-      if op is None or op.primitive not in _CHEAP:
+      if op is None or op.primitive not in _CHEAP or v in unfused_reader:
         continue
-      sources = [i for i in op.in_ids if i >= 0]
-      if all(i in kept or i in inputs or i not in producer for i in sources):
+      memo: dict[int, bool] = {}
+      if all(recomputable(i, memo, 1) for i in op.in_ids if i >= 0):
         kept.discard(v)
         changed = True
   return tuple(v for v in residuals if v in kept)
 
 
+_RECOMPUTE_DEPTH = 8  # the longest chain of cheap ops recomputed into a fusion
+
+
 def _constants(ops: Sequence[graph_lib.Op]) -> frozenset[int]:
-  """Values computed from literals and inputs-free ops alone."""
+  """Values computed from literals and inputs-free ops alone, in any phase (the zeros
+  a gather's gradient scatters into are made in the backward pass)."""
   const: set[int] = set()
   for op in ops:
-    if op.phase == "forward" and all(v < 0 or v in const for v in op.in_ids):
+    if all(v < 0 or v in const for v in op.in_ids):
       const.update(v for v in op.out_ids if v >= 0)
   return frozenset(const)
 
 
-_FUSIBLE = frozenset({"elementwise", "broadcast", "source", "reshape", "squeeze", "transpose"})
+# Families whose results XLA fuses into their readers (and whose readers can fuse
+# the recomputation of a cheap residual).
+FUSIBLE = frozenset({"elementwise", "broadcast", "source", "reshape", "squeeze", "transpose"})
 
 
 def _readers(ops: Sequence[graph_lib.Op]) -> dict[int, int]:
@@ -340,7 +362,7 @@ def _readers(ops: Sequence[graph_lib.Op]) -> dict[int, int]:
 def _fused(ops: Sequence[graph_lib.Op], outputs: Sequence[int]) -> frozenset[int]:
   readers = _readers(ops)
   out = set(outputs)
-  return frozenset(v for op in ops if family_of(op) in _FUSIBLE for v in op.out_ids
+  return frozenset(v for op in ops if family_of(op) in FUSIBLE for v in op.out_ids
                    if readers.get(v, 0) == 1 and v not in out)
 
 

@@ -47,9 +47,9 @@ class Context:
   """What a rule sees: the op, its operands' and results' layouts and shapes, the mesh."""
 
   op: _ir.OpIR
-  ins: tuple[Layout | None, ...]  # None for literals
+  ins: tuple[Layout | None, ...]  # literals and captured constants arrive replicated
   outs: tuple[Layout, ...]
-  in_shapes: tuple[tuple[int, ...] | None, ...]
+  in_shapes: tuple[tuple[int, ...] | None, ...]  # every operand's, constants' too
   out_shapes: tuple[tuple[int, ...], ...]
   sizes: tuple[int, ...]
 
@@ -64,6 +64,8 @@ def _fits(size: int, axes: Sequence[int], sizes: Sequence[int]) -> bool:
 
 def _restrict(layout: Layout, shape: Sequence[int], target_shape: Sequence[int]) -> Layout:
   """`layout` (of `target_shape`) for an operand of `shape`: broadcast dims stay whole."""
+  if shape == target_shape:
+    return layout
   if len(shape) != len(target_shape):
     return tuple(() for _ in shape)
   return tuple(axes if s == t else () for axes, s, t in zip(layout, shape, target_shape))
