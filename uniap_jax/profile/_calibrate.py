@@ -7,9 +7,8 @@ cost model's own formulas so that the cost model reproduces what was timed:
 - `compute_efficiency` from jitted matmuls on every device at once: the factor
   by which `cost.roofline_time_s` must divide the peak-FLOP time to give the
   measured time;
-- `memory_bandwidth_bytes_per_s` from an elementwise add, the bandwidth the
-  roofline (with that efficiency) needs to reproduce it (an effective figure:
-  the roofline divides memory time by the efficiency too);
+- `memory_bandwidth_bytes_per_s` from an elementwise add: the bytes per second
+  it achieved, which the roofline's memory term uses as they are;
 - per topology level, `latency_s` (alpha) and `bandwidth_bytes_per_s` (1/beta)
   from all-reduce, all-gather, reduce-scatter, all-to-all and send (ppermute)
   over a mesh axis that spans exactly that level, at a few sizes: a
@@ -168,10 +167,8 @@ class Calibration:
     platform: "cpu", "gpu" or "tpu".
     jax_version: the JAX that compiled the measured programs.
     compute_efficiency: fitted fraction of peak FLOP/s, in (0, 1].
-    memory_bandwidth_bytes_per_s: effective memory bandwidth per device: what
-      the roofline needs to reproduce the elementwise times. The roofline
-      divides memory time by compute_efficiency too, so this is the achieved
-      bandwidth over compute_efficiency.
+    memory_bandwidth_bytes_per_s: the memory bandwidth per device the elementwise
+      ops achieved (the roofline's memory term).
     levels: one fit per measured level (levels of size 1 have none), innermost first.
     measurements: every timed operation.
     notes: what the fit had to assume or clip, in words.
@@ -417,14 +414,14 @@ def fit_compute(measurements: Sequence[Measurement], cluster: cluster_lib.Cluste
     notes.append(f"matmuls reached {efficiency:.3g} x the peak of {cluster.name!r}; "
                  "compute_efficiency clipped to 1 (the cluster's peak FLOP/s is too low).")
     efficiency = 1.0
-  # Memory time at unit bandwidth, divided by efficiency as the roofline does.
-  memory_s = np.array([m.nbytes for m in elementwise]) / efficiency
+  # Memory time at unit bandwidth (the roofline's memory term: bytes / bandwidth).
+  memory_s = np.array([m.nbytes for m in elementwise], dtype=np.float64)
   inverse_bandwidth = _inverse_scale(memory_s, np.array([m.time_s for m in elementwise]))
   bandwidth = 1.0 / inverse_bandwidth
   fitted = dataclasses.replace(cluster, compute_efficiency=efficiency,
                                memory_bandwidth_bytes_per_s=bandwidth)
   for m in elementwise:
-    if predicted_time_s(m, fitted) > m.nbytes / bandwidth / efficiency * (1 + 1e-9):
+    if predicted_time_s(m, fitted) > m.nbytes / bandwidth * (1 + 1e-9):
       notes.append(f"the elementwise op of {_human_bytes(m.nbytes)} is compute bound under "
                    "the fitted figures; the bandwidth is a lower bound.")
       break
