@@ -1,5 +1,7 @@
 """uniap_jax.strategies: mesh shapes, layouts, labels, rules and candidates."""
 
+import functools
+import itertools
 import warnings
 
 import jax
@@ -9,9 +11,12 @@ import optax
 import pytest
 from flax import nnx
 
+from experiments import models as zoo
 from uniap_jax import graph as graph_lib
 from uniap_jax import strategies
 from uniap_jax.cluster import Cluster
+from uniap_jax.strategies import _candidates
+from uniap_jax.strategies import _ir
 
 A100_2X8 = Cluster.preset("a100-40g-2x8")
 CPU8 = Cluster.preset("cpu-8")
@@ -367,3 +372,154 @@ def test_a_captured_constant_is_broadcast_like_any_operand():
   # The constant is on every device: slicing it to the batch split costs nothing, so
   # data parallel only synchronises gradients.
   assert [(c.kind, c.per_step) for c in dp.comms] == [("all-reduce", True)]
+
+
+# --- Candidate names --------------------------------------------------------------------
+
+# Characters that separate the parts of a candidate name; no label name may hold one.
+_SEPARATORS = (" ", ",", "=", "+")
+
+
+@functools.cache
+def _zoo_irs(name):
+  """The tiny zoo model's layers, one IR per signature, by layer name."""
+  model = zoo.create(name, "tiny", shape_only=True)
+  optimizer = zoo.create_optimizer(model)
+  batch = zoo.example_batch(name, "tiny", 8, shape_only=True)
+  graph = graph_lib.trace(zoo.train_step(name), model, optimizer, batch)
+  info = strategies.analyze(graph)
+  irs = {}
+  seen = set()
+  for layer in graph.layers:
+    if layer.signature not in seen:
+      seen.add(layer.signature)
+      irs[layer.name] = strategies.build_ir(layer, info)
+  return irs
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama_7b", "t5_large", "vit_huge", "swin_huge"])
+def test_label_names_are_unique_and_hold_no_separator(model):
+  for name, ir in _zoo_irs(model).items():
+    assert len(set(ir.label_names)) == ir.num_labels, (name, ir.label_names)
+    for label in ir.label_names:
+      assert label and not any(s in label for s in _SEPARATORS), (name, label)
+    assert all(ir.label_names[l] == "batch" for l in ir.batch_labels), name
+
+
+@pytest.mark.parametrize("model", ["gpt2", "t5_large", "swin_huge"])
+def test_distinct_assignments_get_distinct_names(model):
+  """Every assignment a layer costs, on each 4-device mesh, has a name of its own."""
+  for name, ir in _zoo_irs(model).items():
+    for mesh in strategies.mesh_shapes(CPU8, 4):
+      seen = {}
+      for a in strategies.assignments(ir, mesh):
+        text = _candidates.describe(a, mesh.names, ir.label_names, ir.batch_labels)
+        assert seen.setdefault(text, a) == a, (name, text, a, seen[text])
+
+
+def test_candidate_names_are_unique_per_layer_and_mark_recomputation():
+  ir = _zoo_irs("gpt2")["blocks/0"]
+  mesh = next(m for m in strategies.mesh_shapes(CPU8, 4) if m.as_dict() == {"dp": 2, "tp": 2})
+  cands = strategies.layer_candidates(ir, mesh)
+  names = [c.name for c in cands]
+  assert len(set(names)) == len(names)
+  by_name = {c.name: c for c in cands}
+  remat = [c for c in cands if c.recompute]
+  assert remat and all(c.name.endswith(" +remat") for c in remat)
+  for c in remat:  # the same sharding without recomputation is there too
+    plain = by_name[c.name.removesuffix(" +remat")]
+    assert not plain.recompute and plain.assignment == c.assignment
+
+
+def _gpt_block_candidates(axes):
+  ir = _zoo_irs("gpt2")["blocks/0"]
+  mesh = next(m for m in strategies.mesh_shapes(CPU8, 4) if m.as_dict() == axes)
+  cands = strategies.layer_candidates(ir, mesh, recompute=False)
+  paths = [p.path.removeprefix("blocks/0/") for p in ir.layer.params if p.value_id in ir.values]
+  return [(c, dict(zip(paths, c.param_specs))) for c in cands]
+
+
+def test_megatron_split_of_a_gpt_block_names_its_weights():
+  """Column-split c_attn and c_fc, row-split attn_proj and mlp_proj, batch over dp."""
+  megatron = [c for c, specs in _gpt_block_candidates({"dp": 2, "tp": 2})
+              if specs["c_attn/kernel"] == (None, "tp") and specs["c_fc/kernel"] == (None, "tp")
+              and specs["attn_proj/kernel"] == ("tp",) and specs["mlp_proj/kernel"] == ("tp",)
+              and c.input_specs[0][:1] == ("dp",)]
+  assert megatron
+  names = sorted(c.name for c in megatron)
+  plain = names[0]  # without sequence parallelism: the shortest
+  dp, tp = plain.split(" ")
+  assert dp == "dp=batch"
+  assert tp.startswith("tp=")
+  assert set(tp.removeprefix("tp=").split(",")) == {"c_attn:1", "attn_proj:0", "c_fc:1"}
+  assert len(plain) < 40
+  # Megatron with sequence parallelism also splits the sequence where no weight is split.
+  assert any(n.endswith(",seq") for n in names)
+
+
+def test_data_parallel_reads_dp_batch(mlp):
+  _, _, irs = mlp
+  mesh = strategies.mesh_shapes(CPU8, 8)[0]
+  dp = _find(strategies.layer_candidates(irs["l1"], mesh, recompute=False), irs["l1"],
+             inputs=(("dp",),), **{"l1/kernel": (), "l1/bias": ()})
+  assert dp.name == "dp=batch"
+  block = [c for c, specs in _gpt_block_candidates({"dp": 4})
+           if not any(s for s in specs.values())
+           and c.input_specs[0][:1] == ("dp",) and not any(c.input_specs[0][1:])]
+  assert [c.name for c in block] == ["dp=batch"]
+  fsdp = _find(strategies.layer_candidates(irs["l1"], mesh, recompute=False), irs["l1"],
+               inputs=(("dp",),), **{"l1/kernel": ("dp",), "l1/bias": ()})
+  assert fsdp.name == "dp=batch,hidden"  # FSDP: the batch, and weights along hidden
+
+
+def test_label_names_say_what_is_split():
+  irs = _zoo_irs("gpt2")
+  block = irs["blocks/0"]
+  (out,) = block.output_ids
+  b, s, h = block.values[out].labels
+  assert [block.label_names[l] for l in (b, s, h)] == ["batch", "seq", "hidden"]
+  embed = irs["embed"]
+  wte = next(p.value_id for p in embed.layer.params if p.path == "embed/wte/embedding")
+  assert embed.label_names[embed.values[wte].labels[0]] == "wte:0"  # the vocabulary
+  # T5's decoder reads the encoder's output: a second sequence, numbered to stay unique.
+  t5 = next(ir for name, ir in _zoo_irs("t5_large").items() if name.startswith("decoder_blocks"))
+  assert "seq" in t5.label_names
+  assert any(n.startswith("seq#") for n in t5.label_names)
+  # Images: NHWC.
+  vit = _zoo_irs("vit_huge")["embed"]
+  image = vit.input_ids[0]
+  assert [vit.label_names[l] for l in vit.values[image].labels] == [
+      "batch", "height", "width", "channel"]
+
+
+def test_describe_reads_several_batch_labels_as_one_and_stays_injective():
+  """Two batch labels (e.g. a layer whose ops never tie them): "batch" is both."""
+  names = ("batch#0", "seq", "batch#2", "up:1")
+  batch = frozenset({0, 2})
+  assert _candidates.describe(((0, 2), (1,)), ("dp", "tp"), names, batch) == "dp=batch tp=seq"
+  assert _candidates.describe(((2,), ()), ("dp", "tp"), names, batch) == "dp=batch#2"
+  assert _candidates.describe(((), ()), ("dp", "tp"), names, batch) == "replicated"
+  tuples = [()] + [t for n in (1, 2, 3) for t in itertools.permutations(range(4), n)]
+  seen = {}
+  for a in itertools.product(tuples, repeat=2):
+    text = _candidates.describe(a, ("dp", "tp"), names, batch)
+    assert seen.setdefault(text, a) == a, (text, a, seen[text])
+
+
+def test_label_names_number_a_clash():
+  """Two [batch, seq, hidden] inputs whose dims are not tied: the second pair is numbered,
+  unless a parameter names it."""
+  values = {
+      10: _ir.Value(id=10, shape=(8, 16, 32), itemsize=4, labels=(0, 1, 2), batched=True,
+                    nbytes=0),
+      11: _ir.Value(id=11, shape=(8, 12, 32), itemsize=4, labels=(0, 3, 4), batched=True,
+                    nbytes=0),
+      12: _ir.Value(id=12, shape=(32, 32), itemsize=4, labels=(4, 5), batched=False,
+                    nbytes=0),
+      13: _ir.Value(id=13, shape=(8, 16), itemsize=4, labels=(0, 6), batched=True, nbytes=0),
+  }
+  names = _ir.label_names(
+      num_labels=7, batch_labels={0}, values=values,
+      params=[("blk/cross/k/kernel", 12)], input_ids=(10, 11), output_ids=(13,),
+      layer_name="blk")
+  assert names == ("batch", "seq", "hidden", "seq#3", "cross.k:0", "cross.k:1", "hidden#6")

@@ -15,7 +15,10 @@ device does, and what each device holds. The axis roles people know are special 
   (S,)        sequence (context) parallel: everything split along the sequence.
 
 The menus below enumerate such tuples from the layer's own labels, not from a fixed
-list of named strategies.
+list of named strategies. Candidate names spell them out with the labels' names
+(`_ir.label_names`): in a GPT-2 block "dp=batch" is data parallel, "dp=batch,hidden"
+FSDP, "dp=batch tp=c_attn:1,attn_proj:0,c_fc:1" Megatron, and a trailing ",seq"
+adds sequence parallelism.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ class Candidate:
   """One way to shard one layer on one mesh, with everything the cost model needs.
 
   Attributes:
-    name: readable roles, e.g. "dp=b0 tp=p3,p5".
+    name: what each mesh axis splits, e.g. "dp=batch tp=c_fc:1,attn_proj:0": the
+      batch, a boundary activation's dim ("seq", "hidden") or a parameter's dim
+      ("c_fc:1": dim 1 of the layer's c_fc kernel); " +remat" with recomputation.
+      Unique among one layer's candidates on one mesh (`describe`).
     assignment: per mesh axis, the label names it splits, highest priority first.
     recompute: the forward runs again in the backward pass instead of keeping
       activations (only the layer's inputs are kept).
@@ -161,7 +167,8 @@ def _menus(ir: _ir.LayerIR, mesh: _mesh.MeshShape) -> list[list[tuple[int, ...]]
   return [menu if ax.size > 1 else [()] for ax in mesh.axes]
 
 
-def _independent_sets(labels: Sequence[int], cooccur: frozenset[tuple[int, int]]) -> list[tuple[int, ...]]:
+def _independent_sets(labels: Sequence[int],
+                      cooccur: frozenset[tuple[int, int]]) -> list[tuple[int, ...]]:
   """Maximal sets of labels that never share a tensor (so one axis can split them all)."""
   def clash(a: int, b: int) -> bool:
     return (min(a, b), max(a, b)) in cooccur
@@ -408,7 +415,7 @@ class _Evaluator:
         param_bytes=param_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
         param_elements=param_elements,
         batch_bytes=sum(local(v) for v in ir.batch_ids if v not in ir.kept_ids))
-    name = describe(assignment, self.names, names)
+    name = describe(assignment, self.names, names, ir.batch_labels)
     out = []
     for recompute in flags:
       if recompute:
@@ -510,9 +517,30 @@ def value_layouts(ir: _ir.LayerIR, mesh: _mesh.MeshShape,
   return {vid: tensor_layout(v, assignment, mesh.sizes) for vid, v in ir.values.items()}
 
 
-def describe(assignment: Assignment, axis_names: Sequence[str], label_names: Sequence[str]) -> str:
-  parts = [f"{axis_names[i]}={','.join(label_names[l] for l in prefs)}"
-           for i, prefs in enumerate(assignment) if prefs]
+def describe(assignment: Assignment, axis_names: Sequence[str], label_names: Sequence[str],
+             batch_labels: frozenset[int] | set[int] = frozenset()) -> str:
+  """A candidate's name: per mesh axis, what it splits, e.g. "dp=batch tp=c_fc:1,seq".
+
+  Label names come from `_ir.label_names`; a layer's batch labels, all in a row in
+  sorted order, read as one "batch". Distinct assignments get distinct names (label
+  names are unique in a layer and hold no separator), so a name identifies its
+  candidate within the layer, apart from the " +remat" suffix `evaluate` adds.
+  """
+  batch = tuple(sorted(batch_labels))
+  parts = []
+  for i, prefs in enumerate(assignment):
+    if not prefs:
+      continue
+    words = []
+    k = 0
+    while k < len(prefs):
+      if len(batch) > 1 and tuple(prefs[k:k + len(batch)]) == batch:
+        words.append("batch")
+        k += len(batch)
+      else:
+        words.append(label_names[prefs[k]])
+        k += 1
+    parts.append(f"{axis_names[i]}={','.join(words)}")
   return " ".join(parts) or "replicated"
 
 

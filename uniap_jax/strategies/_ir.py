@@ -114,7 +114,8 @@ class LayerIR:
     values: value id -> Value, for everything the layer's ops read or write.
     ops: the layer's ops in program order.
     num_labels: labels are 0..num_labels-1, numbered by first appearance.
-    label_names: a readable name per label ("b0", "p1", ...).
+    label_names: a readable name per label, unique in the layer (`label_names`):
+      "batch", "seq", "hidden", "c_fc:1" (dim 1 of the c_fc kernel), ...
     batch_labels / param_labels / boundary_labels: labels of batch dims, of parameter
       dims, of forward boundary activations' dims.
     cooccur: pairs of labels that appear in one tensor.
@@ -265,10 +266,11 @@ def build(layer: graph_lib.Layer, info: GraphInfo | None = None, *,
     for a in range(len(labs)):
       for b in range(a + 1, len(labs)):
         cooccur.add((labs[a], labs[b]))
-  names = []
-  for lab in range(len(label_of)):
-    prefix = "b" if lab in batch_labels else ("p" if lab in param_labels else "a")
-    names.append(f"{prefix}{lab}")
+  names = label_names(
+      num_labels=len(label_of), batch_labels=batch_labels, values=values,
+      params=[(p.path, p.value_id) for p in layer.params if p.value_id in values],
+      input_ids=input_ids, output_ids=output_ids, layer_name=layer.name,
+      integer_ids={v for v in (*input_ids, *output_ids) if np.dtype(types[v].dtype).kind in "biu"})
   return LayerIR(
       layer=layer, values=values, ops=tuple(ops), num_labels=len(label_of),
       label_names=tuple(names), batch_labels=frozenset(batch_labels),
@@ -278,6 +280,112 @@ def build(layer: graph_lib.Layer, info: GraphInfo | None = None, *,
       residual_ids=residual_ids, kept_ids=kept_ids, grad_ids=grad_ids, grad_like_ids=grad_like,
       fused_ids=_fused(live_ops, layer.output_ids), readers=_readers(live_ops),
       constant_ids=_constants(live_ops), scale=scale)
+
+
+# What the dims of a boundary activation [batch, ...] are called, by its rank after the
+# batch dim: the layouts JAX users pass between Flax layers (tokens, features, NHWC).
+_ROLES = {1: ("hidden",), 2: ("seq", "hidden"), 3: ("height", "width", "channel")}
+# Parameter leaves that say nothing beyond their module's name.
+_GENERIC_LEAVES = frozenset({"kernel", "embedding", "weight", "w"})
+# Module names this short ("q", "wi", "o") read better with their parent ("attn.q").
+_SHORT_NAME = 2
+
+
+def label_names(*, num_labels: int, batch_labels: set[int] | frozenset[int],
+                values: Mapping[int, Value], params: Sequence[tuple[str, int]],
+                input_ids: Sequence[int], output_ids: Sequence[int], layer_name: str,
+                integer_ids: set[int] | frozenset[int] = frozenset()) -> tuple[str, ...]:
+  """A short name per label that says what splitting it splits, unique in the layer.
+
+  In order of precedence: the batch ("batch"; "batch#7" per label when a layer has
+  several, which `describe` writes as one "batch"); a dim of a boundary activation
+  [batch, ...] by position ("seq", "hidden"; "height", "width", "channel" for NHWC;
+  integer [batch, n] inputs are tokens: "seq"); a parameter dim, as the parameter's
+  module and dim ("c_fc:1": dim 1 of `<layer>/c_fc/kernel`), taken from the
+  parameter of highest rank that carries the label, then the first in the layer's
+  parameter order; another boundary dim as its position ("out0:2"); anything else
+  "act#<label>" (never in a candidate's menu). A name already taken grows: a
+  parameter's by the path components before it ("attn.output:0"); a role another
+  label holds yields to the label's parameter name, else gets "#<label>" ("seq#8":
+  the encoder's sequence in a T5 decoder block). Names never hold " ", ",", "=" or
+  "+", so that candidate names built from them read back unambiguously.
+
+  Args:
+    num_labels: labels are 0..num_labels-1.
+    batch_labels: labels of batch dims.
+    values: the layer's values, by id.
+    params: (path, value id) of the layer's parameters, in the layer's order.
+    input_ids / output_ids: the layer's boundary activations.
+    layer_name: stripped from parameter paths, so that layers of one signature agree.
+    integer_ids: boundary values of integer dtype (token ids).
+  """
+  names: dict[int, str] = {}
+  taken: set[str] = set()
+
+  def claim(lab: int, name: str) -> bool:
+    if lab in names or name in taken:
+      return False
+    names[lab] = name
+    taken.add(name)
+    return True
+
+  batch = sorted(batch_labels)
+  for lab in batch:
+    claim(lab, "batch" if len(batch) == 1 else f"batch#{lab}")
+  # Boundary roles: higher-rank values first, so [batch, seq, hidden] names "seq"
+  # before a [batch, seq] of token ids or labels does.
+  boundary = [(v, "in", i) for i, v in enumerate(input_ids)]
+  boundary += [(v, "out", i) for i, v in enumerate(output_ids)]
+  boundary.sort(key=lambda t: -len(values[t[0]].shape))  # stable: inputs before outputs
+  clashed: dict[int, str] = {}  # label -> the role another label took first
+  for vid, _, _ in boundary:
+    labels = values[vid].labels
+    if not labels or labels[0] not in batch_labels:
+      continue
+    roles = _ROLES.get(len(labels) - 1)
+    if roles is None:
+      continue
+    if vid in integer_ids and len(labels) == 2:
+      roles = ("seq",)
+    for lab, role in zip(labels[1:], roles):
+      if lab >= 0 and lab not in names and not claim(lab, role):
+        clashed.setdefault(lab, role)
+  # Parameter dims: the highest-rank parameter carrying the label, then param order.
+  carriers: dict[int, tuple[int, int, str, int]] = {}
+  for order, (path, vid) in enumerate(params):
+    labels = values[vid].labels
+    for d, lab in enumerate(labels):
+      key = (-len(labels), order, path, d)
+      if lab >= 0 and (lab not in carriers or key < carriers[lab]):
+        carriers[lab] = key
+  prefix = layer_name + "/"
+  for lab in sorted(carriers):
+    if lab in names:
+      continue
+    _, _, path, d = carriers[lab]
+    local = path[len(prefix):] if path.startswith(prefix) else path
+    parts = [_clean(p) for p in local.split("/")]
+    if len(parts) > 1 and parts[-1] in _GENERIC_LEAVES:
+      parts = parts[:-1]
+    depth = 2 if len(parts) > 1 and len(parts[-1]) <= _SHORT_NAME else 1
+    while depth <= len(parts) and not claim(lab, f"{'.'.join(parts[-depth:])}:{d}"):
+      depth += 1
+  # A role another label took keeps its role, marked with the label; other boundary
+  # dims are named by position.
+  for lab, role in sorted(clashed.items()):
+    claim(lab, f"{role}#{lab}")
+  for vid, io, i in boundary:
+    for d, lab in enumerate(values[vid].labels):
+      if lab >= 0:
+        claim(lab, f"{io}{i}:{d}")
+  for lab in range(num_labels):
+    claim(lab, f"act#{lab}")  # never taken: only this rule writes "act#"
+  return tuple(names[lab] for lab in range(num_labels))
+
+
+def _clean(part: str) -> str:
+  """A path component with the characters candidate names reserve replaced."""
+  return "".join(c if c.isalnum() or c in "_-." else "_" for c in part) or "_"
 
 
 # Elementwise primitives XLA's fusion duplicates freely into their readers (cheap;
