@@ -301,7 +301,7 @@ class Plan:
         first, last = run[0], run[-1]
         label = first.name if len(run) == 1 else f"{first.name} .. {last.name} ({len(run)}x)"
         t = sum(l.time_s for l in run)
-        lines.append(f"    {label:<36} {first.strategy:<28} {_fmt_time(t)}")
+        lines.append(f"    {label:<36} {first.strategy:<42} {_fmt_time(t)}")
     coll = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in p.collectives.items() if v)
     lines.append(f"  collectives per device and step: {coll or 'none'}")
     return "\n".join(lines)
