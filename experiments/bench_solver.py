@@ -1,7 +1,8 @@
 """Times the UniAP solver on synthetic transformer cost tables.
 
-  python -m experiments.bench_solver [--suite=all|targets|devices|scaling|dag]
+  python -m experiments.bench_solver [--suite=all|targets|devices|scaling|dag|zoo]
       [--time_limit_s=60] [--cross_check]
+  python -m experiments.bench_solver --suite=zoo --model=t5_large --cluster=env_c --pp=2
 
 A model is embed + N identical blocks + head (T5-like: plus decoder blocks that the
 last encoder block also feeds, a DAG). Each stage's devices take, per layer, a candidate
@@ -16,8 +17,12 @@ the devices, micro-batch counts dividing the batch, GPipe and 1F1B; one Problem 
 the best objective so far passed as `incumbent`), and the same loops with every
 configuration solved to optimality (no incumbent). "devices": the 80-block model's
 outer loop on 8 to 1024 devices. "scaling": single problems, N = 8..128 blocks.
-"dag": the T5-like DAG, solved by SCIP. --cross_check re-solves the smaller scaling
-problems with SCIP alone (method="miqp") and reports whether its optimum matches.
+"dag": the T5-like DAG (one source layer feeds every decoder block: the chain DPs with
+that layer's candidate fixed, SCIP only where their bound does not meet). "zoo": a zoo
+model's real cost tables (traced and costed here, not timed), one Problem per
+configuration of the outer loop, each solved alone (no incumbent). --cross_check
+re-solves the smaller scaling and dag problems with SCIP alone (method="miqp") and
+reports whether its optimum matches. "all" runs every suite but "zoo".
 """
 
 from collections.abc import Sequence
@@ -29,8 +34,12 @@ from absl import flags
 
 from uniap_jax import solver
 
-_SUITE = flags.DEFINE_enum("suite", "all", ["all", "targets", "devices", "scaling", "dag"],
+_SUITE = flags.DEFINE_enum("suite", "all", ["all", "targets", "devices", "scaling", "dag", "zoo"],
                            "What to run.")
+_MODEL = flags.DEFINE_string("model", "t5_large", "zoo suite: model name (experiments.models).")
+_CLUSTER = flags.DEFINE_string("cluster", "env_c", "zoo suite: cluster preset.")
+_PP = flags.DEFINE_integer("pp", None, "zoo suite: pin the pipeline degree.")
+_GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 16, "zoo suite: samples per step.")
 _TIME_LIMIT_S = flags.DEFINE_float("time_limit_s", 60.0, "Solver budget per Problem.")
 _CROSS_CHECK = flags.DEFINE_bool("cross_check", False, "Re-solve small problems with SCIP.")
 
@@ -134,6 +143,40 @@ def row(name, blocks, stages, micro, schedule, decoder_blocks=0, cross_check=Fal
         f"obj {sol.objective:.5g} {check}", flush=True)
 
 
+def zoo(model_name, cluster_name, pp, global_batch, time_limit_s):
+  """Solves every configuration of a zoo model's outer loop alone; prints one row each."""
+  import os
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  import uniap_jax as ua
+  from uniap_jax import cost
+  from uniap_jax import graph as graph_lib
+  from uniap_jax import search
+  from experiments import models
+
+  cluster = ua.Cluster.preset(cluster_name)
+  model = models.create(model_name, "paper", shape_only=True)
+  batch = models.example_batch(model_name, "paper", global_batch, shape_only=True)
+  graph = graph_lib.trace(models.train_step(model_name), model, models.create_optimizer(model), batch)
+  cache, total_s, statuses = {}, 0.0, {}
+  for config in search.configurations(graph, cluster, pp=pp, global_batch=global_batch):
+    try:
+      tables = cost.build_cost_tables(
+          graph, cluster, mesh=config.mesh, num_stages=config.num_stages,
+          num_microbatches=config.num_microbatches, global_batch=global_batch,
+          schedule=config.schedule, cache=cache)
+    except ValueError:
+      continue
+    if (any(not l.candidates for l in tables.layers) or tables.over_limit
+        or tables.reserve_bytes >= tables.memory_limit_bytes):
+      continue  # the outer loop skips it before solving
+    sol = solver.solve(search.to_problem(tables), time_limit_s=time_limit_s)
+    total_s += sol.time_s
+    statuses[sol.status] = statuses.get(sol.status, 0) + 1
+    print(f"{config.describe():>48} {sol.method:>12} {sol.status:>10} gap {sol.gap:<7.1e} "
+          f"{sol.time_s:>7.3f} s obj {sol.objective:.5g}", flush=True)
+  print(f"{model_name} on {cluster_name} (pp={pp}): solver {total_s:.2f} s over {statuses}")
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -158,7 +201,10 @@ def main(argv: Sequence[str]) -> None:
   if suite in ("dag", "all"):
     for stages in (1, 2, 4, 8):
       for micro in (1, 8):
-        row("bert_huge_8", 24, stages, micro, "gpipe", decoder_blocks=24)
+        row("bert_huge_8", 24, stages, micro, "gpipe", decoder_blocks=24,
+            cross_check=_CROSS_CHECK.value)
+  if suite == "zoo":
+    zoo(_MODEL.value, _CLUSTER.value, _PP.value, _GLOBAL_BATCH.value, limit)
 
 
 if __name__ == "__main__":

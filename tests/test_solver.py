@@ -3,11 +3,13 @@
 import ast
 import math
 import pathlib
+import time
 
 import numpy as np
 import pytest
 
 from uniap_jax import solver
+from uniap_jax.solver import _hub
 from uniap_jax.solver import _miqp
 from uniap_jax.solver import _one_stage
 from uniap_jax.solver import _tables
@@ -133,6 +135,121 @@ def test_one_stage_dags_match_brute_force(seed):
     tables = _tables.prune(_tables.build(problem))
     assert sol.method == ("one_stage_dp" if _one_stage.supported(tables) else "miqp") or (
         sol.method == "chain_dp")  # the chain relaxation's bound can settle it first
+
+
+NUM_HUB = 80
+
+
+def hub_problem(seed: int) -> solver.Problem:
+  """3-8 layers, 2-4 stages; skip edges all leave one or two source layers (T5-like)."""
+  rng = np.random.default_rng(5000 + seed)
+  n = int(rng.integers(3, 9))
+  num_stages = int(rng.integers(2, min(4, n) + 1))
+  counts = [int(rng.integers(1, 5)) for _ in range(n)]
+  while math.prod(counts) * math.comb(n - 1, num_stages - 1) > 40_000:  # brute force budget
+    counts[int(np.argmax(counts))] -= 1
+  integer = rng.random() < 0.3
+  draw = (lambda lo, hi, size: rng.integers(lo, hi + 1, size).astype(float)) if integer else (
+      lambda lo, hi, size: rng.uniform(lo, hi, size))
+  layers = [solver.Layer(name=f"l{u}", time=draw(1, 9, k) / 4, memory=draw(1, 10, k))
+            for u, k in enumerate(counts)]
+  pairs = {(u, u + 1) for u in range(n - 1) if rng.random() < 0.9}
+  sources = sorted({int(s) for s in rng.integers(0, n - 2, int(rng.integers(1, 3)))})
+  for source in sources:
+    targets = [v for v in range(source + 2, n) if rng.random() < 0.7]
+    pairs |= {(source, v) for v in targets or [int(rng.integers(source + 2, n))]}
+  # Sources whose first two candidates cost the same on every skip edge (one layout,
+  # say, with and without recomputation): the solver fixes them as one class.
+  twins = {s for s in sources if counts[s] >= 2 and rng.random() < 0.4}
+  edges = []
+  flat = rng.random() < 0.3  # send cost independent of the destination's candidate
+  for u, v in sorted(pairs):
+    same = draw(0, 3, (counts[u], counts[v])) / 8 * (rng.random((counts[u], counts[v])) < 0.7)
+    cross = draw(0, 6, (counts[u], counts[v])) / 8
+    if flat and v > u + 1:
+      cross = np.repeat(cross[:, :1], counts[v], axis=1)
+    if u in twins and v > u + 1:
+      same[1], cross[1] = same[0], cross[0]
+    edges.append(solver.Edge(src=f"l{u}", dst=f"l{v}", same_stage=same, cross_stage=cross))
+  lean = sum(min(l.memory) for l in layers)
+  limit = max(lean / num_stages, max(min(l.memory) for l in layers)) * rng.choice([0.9, 1.1, 1.5, 3.0, 100.0])
+  return solver.Problem(layers=layers, edges=edges, num_stages=num_stages,
+                        num_microbatches=int(rng.choice([1, 2, 8])), memory_limit=float(limit))
+
+
+def test_hub_problems_cover_classes():
+  tables = [_tables.prune(_tables.build(hub_problem(seed))) for seed in range(NUM_HUB)]
+  sizes = [len(c) for t in tables for s in _hub._sources(t) for c in _hub._classes(t, s)]
+  assert max(sizes) >= 2 and min(sizes) == 1
+  assert {len(_hub._sources(t)) for t in tables} == {1, 2}
+
+
+@pytest.mark.parametrize("seed", range(NUM_HUB))
+def test_hub_dags_match_brute_force(seed):
+  problem = hub_problem(seed)
+  assert _hub.supported(_tables.prune(_tables.build(problem)))
+  reference = solver.brute_force(problem)
+  for method in ["auto", "miqp"] if seed % 4 == 0 else ["auto"]:
+    sol = solver.solve(problem, method=method)
+    if reference.status == "infeasible":
+      assert sol.status == "infeasible"
+      continue
+    assert sol.status == "optimal", (method, sol)
+    check_assignment_shape(problem, sol)
+    assert independent_objective(problem, sol.choice, sol.stage) == (pytest.approx(sol.objective, rel=1e-9), True)
+    assert sol.objective == pytest.approx(reference.objective, rel=1e-6)
+
+
+def test_hub_bounds_and_assignments_are_valid():
+  # Per source combination the expanded chain undercharges only the excess of a send
+  # over its row's least entry: the bound never exceeds the optimum and the assignment
+  # is real; they often meet (sends independent of the destination, or no excess used).
+  methods = []
+  for seed in range(40):
+    problem = hub_problem(seed)
+    reference = solver.brute_force(problem)
+    if reference.status != "optimal":
+      continue
+    tables = _tables.prune(_tables.build(problem))
+    result = _hub.solve_hub(tables, upper_bound=math.inf, deadline=math.inf, scip=False)
+    assert not result.scip_used and result.bound <= reference.objective * (1 + 1e-9)
+    assert result.objective >= reference.objective * (1 - 1e-9)
+    objective = _tables.evaluate(tables, result.stages, result.choice)[0]
+    assert objective == pytest.approx(result.objective, rel=1e-12)
+    cut = _hub.solve_hub(tables, upper_bound=reference.objective, deadline=math.inf, scip=False)
+    assert cut.choice is None and cut.bound <= reference.objective * (1 + 1e-9)
+    # With SCIP on the combinations left open, the bound proves the optimum.
+    proof = _hub.solve_hub(tables, upper_bound=math.inf, deadline=math.inf)
+    assert proof.objective == pytest.approx(reference.objective, rel=1e-6)
+    assert proof.bound >= proof.objective * (1 - 1e-6)
+    methods.append(solver.solve(problem).method)
+  assert methods.count("hub_dp") >= len(methods) // 4  # the DPs alone prove a good share
+
+
+def test_hub_solves_t5_like_dag_without_scip():
+  # Encoder blocks, then decoder blocks that all read the last encoder block; sends do
+  # not depend on the destination's candidate, so the relaxation is exact.
+  base = transformer_like(8, 3, 4, 1.2)
+  layers = list(base.layers[:-1])
+  layers += [solver.Layer(name=f"dec{i}", time=[1.2, 1.6, 2.4], memory=[6.5, 4.0, 2.5]) for i in range(4)]
+  layers.append(base.layers[-1])
+  names = [layer.name for layer in layers]
+  counts = {layer.name: layer.num_candidates for layer in layers}
+  edges = []
+  for a, b in zip(names, names[1:]):
+    reshard = np.full((counts[a], counts[b]), 0.2)
+    reshard[np.arange(min(counts[a], counts[b])), np.arange(min(counts[a], counts[b]))] = 0.0
+    edges.append(solver.Edge(src=a, dst=b, same_stage=reshard, cross_stage=reshard + 0.4))
+  for i in range(1, 4):
+    edges.append(solver.Edge(src="block7", dst=f"dec{i}", same_stage=np.full((3, 3), 0.05),
+                             cross_stage=np.array([[0.3] * 3, [0.2] * 3, [0.25] * 3])))
+  problem = solver.Problem(layers=layers, edges=edges, num_stages=3, num_microbatches=4,
+                           memory_limit=base.memory_limit * 1.6)
+  auto = solver.solve(problem)
+  scip = solver.solve(problem, method="miqp")
+  assert auto.method == "hub_dp" and auto.status == scip.status == "optimal"
+  assert auto.objective == pytest.approx(scip.objective, rel=1e-7)
+  assert independent_objective(problem, auto.choice, auto.stage) == (pytest.approx(auto.objective), True)
 
 
 def test_random_problems_cover_the_cases():
@@ -329,6 +446,29 @@ def test_time_limit_dag_returns_assignment_with_gap():
   problem = with_skip_edges(transformer_like(12, 4, 8, 1.05), [(1, 6), (1, 9), (4, 12)])
   sol = solver.solve(problem, time_limit_s=1e-9)
   assert sol.status == "time_limit" and 0 < sol.gap < math.inf
+  assert independent_objective(problem, sol.choice, sol.stage) == (pytest.approx(sol.objective), True)
+
+
+def big_dag():
+  """A DAG whose SCIP model takes visible time to build (tens of thousands of variables)."""
+  pairs = [(1, v) for v in range(3, 42)] + [(20, v) for v in range(22, 42, 2)]
+  return with_skip_edges(transformer_like(40, 4, 8, 1.05), pairs)
+
+
+def test_miqp_stops_while_building_the_model():
+  tables = _tables.prune(_tables.build(big_dag()))
+  result = _miqp.solve_miqp(tables, objective_lb=1.5, deadline=time.perf_counter())
+  assert (result.status, result.stages, result.nodes, result.bound) == ("time_limit", None, 0, 1.5)
+  # A budget far too short for building and solving: it returns, with time_limit.
+  result = _miqp.solve_miqp(tables, deadline=time.perf_counter() + 0.05)
+  assert result.status == "time_limit"
+
+
+def test_time_limit_miqp_returns_first_assignment():
+  problem = big_dag()
+  sol = solver.solve(problem, method="miqp", time_limit_s=0.05)
+  assert sol.status == "time_limit" and sol.method in ("miqp", "chain_dp")
+  assert sol.choice and 0 < sol.gap < math.inf and "Time limit" in sol.message
   assert independent_objective(problem, sol.choice, sol.stage) == (pytest.approx(sol.objective), True)
 
 

@@ -150,7 +150,8 @@ class ChainDP:
       outside = self.total_fastest - fastest_sum
       return ok & (self.c * time + outside <= limit) & ((time + outside) * share <= limit)
     bound, same_stage = rest
-    left = np.where(mem <= tables.budget, np.minimum(tables.budget - mem, 1e300), 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf where padding meets no limit
+      left = np.where(mem <= tables.budget, np.minimum(tables.budget - mem, 1e300), 0.0)
     if not same_stage:
       left = left + (self.num_stages - 1) * min(tables.budget, 1e300)
     ok &= bound.lean <= left
@@ -159,11 +160,13 @@ class ChainDP:
       return ok & (self.c * (time + rest_time) <= limit)
     return ok & (self.c * time + rest_time <= limit) & ((time + rest_time) * share <= limit)
 
-  def _seed(self, u, stage, with_alpha, rest=None) -> _Labels:
+  def _seed(self, u, stage, with_alpha, rest=None, enterable=None) -> _Labels:
     memory = self.tables.memory[stage, u]
     time = self.tables.time[u]
     cand = np.arange(self.kmax)
     ok = self._ok(time, memory, self.fastest_prefix[u + 1] - self.fastest_prefix[u], rest)
+    if enterable is not None:  # candidates a stage may start with
+      ok &= enterable
     cand = cand[ok]
     grp = cand * self.kmax + cand if with_alpha else cand.copy()
     return _Labels(grp, time[cand], memory[cand], np.full(len(cand), -1), cand)
@@ -247,9 +250,12 @@ class ChainDP:
       return len(nodes) - 1
 
     for a in range(a0, a1 + 1):
-      key = (-1, self.layer_kind[a])
+      # A stage starts with a candidate that some send from the previous layer reaches
+      # (an infinite cross_stage column forbids it, as in `_hub`'s expanded chains).
+      enterable = np.isfinite(self.tables.chain_cross[a - 1]).any(axis=0)
+      key = (-1, self.layer_kind[a], enterable.tobytes())
       if key not in children:
-        children[key] = make(self._seed(a, stage, True), -1)
+        children[key] = make(self._seed(a, stage, True, enterable=enterable), -1)
       node = children[key]
       end_max = min(n - num_stages + max(stages) + 1, n - 1)  # leave the last stage a layer
       for length in range(1, min(lmax, end_max - a) + 1):

@@ -36,13 +36,21 @@ SEED = 0
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Result:
-  """SCIP's answer: status in {"optimal", "time_limit", "cutoff"}."""
+  """SCIP's answer: status in {"optimal", "time_limit", "cutoff"}.
+
+  `stages`/`choice` are None when SCIP found nothing better than `warm` (or time ran
+  out first, possibly while the model was still being built: then `nodes` is 0).
+  """
 
   status: str
   stages: np.ndarray | None
   choice: np.ndarray | None
   bound: float
   nodes: int
+
+
+class _BuildTimeout(Exception):
+  """Raised while building the model when the deadline passes."""
 
 
 def _stage_range(tables: _tables.Tables, u: int) -> range:
@@ -63,7 +71,24 @@ def solve_miqp(tables: _tables.Tables, *, warm=None, objective_lb: float = 0.0,
     deadline: time.perf_counter() value at which SCIP stops.
     node_limit: stop after this many branch-and-bound nodes (-1: none); deterministic,
       unlike the deadline, hence used in tests.
+  Returns:
+    The Result. Building a large model takes seconds, so the clock is checked while
+    building too: past the deadline it returns status "time_limit" with no assignment
+    and `objective_lb` as bound (the caller keeps `warm`).
   """
+  try:
+    return _solve_miqp(tables, warm=warm, objective_lb=objective_lb, peak_lb=peak_lb,
+                       cutoff=cutoff, deadline=deadline, node_limit=node_limit)
+  except _BuildTimeout:
+    return Result(status="time_limit", stages=None, choice=None, bound=objective_lb, nodes=0)
+
+
+def _solve_miqp(tables, *, warm, objective_lb, peak_lb, cutoff, deadline, node_limit) -> Result:
+  def check_clock():
+    if time_lib.perf_counter() >= deadline:
+      raise _BuildTimeout
+
+  check_clock()
   n, num_stages, c = tables.n, tables.num_stages, tables.num_microbatches
   warm_objective = _tables.evaluate(tables, *warm)[0] if warm is not None else 0.0
   scale_t = warm_objective if warm_objective > 0 else max(_tables.trivial_bound(tables), 1e-12)
@@ -74,7 +99,6 @@ def solve_miqp(tables: _tables.Tables, *, warm=None, objective_lb: float = 0.0,
   model.setParam("randomization/randomseedshift", SEED)
   model.setParam("parallel/maxnthreads", 1)
   model.setParam("lp/threads", 1)
-  model.setParam("limits/time", min(max(deadline - time_lib.perf_counter(), 1e-3), 1e20))
   # Measured here: on random DAGs of 2-8 layers SCIP's root cut loop (cmir above all)
   # tails off for seconds while branching closes the gap in milliseconds; on T5-like
   # DAGs (48 blocks) default presolving spends seconds probing a million implications.
@@ -87,6 +111,7 @@ def solve_miqp(tables: _tables.Tables, *, warm=None, objective_lb: float = 0.0,
            for i in stages_of[u]} for u in range(n)]
   x = {}
   for u in range(n):
+    check_clock()
     for i in stages_of[u]:
       for k in fits[u][i]:
         x[u, i, k] = model.addVar(vtype="B", name=f"x_{u}_{i}_{k}")
@@ -101,6 +126,7 @@ def solve_miqp(tables: _tables.Tables, *, warm=None, objective_lb: float = 0.0,
 
   # Consecutive layers: flows.
   for u in range(n - 1):
+    check_clock()
     same = tables.chain_same[u] / scale_t
     cross = tables.chain_cross[u] / scale_t
     both = [i for i in stages_of[u] if i in stages_of[u + 1]]
@@ -145,6 +171,7 @@ def solve_miqp(tables: _tables.Tables, *, warm=None, objective_lb: float = 0.0,
   # Skip edges: one weight per (stage of u, stage of v, candidate of u, candidate of v)
   # with both marginals, the tightest pairwise model.
   for e, (u, v, same, cross) in enumerate(tables.skips):
+    check_clock()
     same, cross = same / scale_t, cross / scale_t
     if not (same.any() or cross.any()):
       continue
@@ -181,6 +208,7 @@ def solve_miqp(tables: _tables.Tables, *, warm=None, objective_lb: float = 0.0,
   # Memory.
   if scale_m is not None:
     for s in range(num_stages):
+      check_clock()
       terms = [tables.memory[s, u, k] / scale_m * var for (u, i, k), var in x.items() if i == s]
       model.addCons(pyscipopt.quicksum(terms) <= 1)
 
@@ -200,6 +228,9 @@ def solve_miqp(tables: _tables.Tables, *, warm=None, objective_lb: float = 0.0,
 
   if warm is not None:
     _add_warm_start(model, tables, warm, x, values, p, o, peak, scale_t)
+  check_clock()
+  # What is left of the budget after building goes to SCIP.
+  model.setParam("limits/time", min(max(deadline - time_lib.perf_counter(), 1e-3), 1e20))
   model.optimize()
   status = model.getStatus()
   nodes = model.getNNodes()

@@ -52,7 +52,8 @@ def solve_one_stage(tables: _tables.Tables, *, upper_bound: float, incumbent, de
 
   def prune(time, mem, q):
     rest = bounds[q]
-    left = np.where(mem <= budget, np.minimum(budget - mem, 1e300), 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf where padding meets no limit
+      left = np.where(mem <= budget, np.minimum(budget - mem, 1e300), 0.0)
     return (np.isfinite(time) & (mem <= budget) & (rest.lean <= left)
             & (c * (time + rest(left)) <= limit))
 

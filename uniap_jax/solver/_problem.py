@@ -248,8 +248,9 @@ class Solution:
     bound: proven lower bound on the optimal objective.
     method: what decided the status: "chain_dp" (the exact chain DP; on a DAG, the
       bound from its chain relaxation met the assignment), "one_stage_dp" (the exact DP
-      for one stage), "miqp" (SCIP), "bound" (a bound alone: infeasible or cutoff
-      before any search), "brute_force".
+      for one stage), "hub_dp" (chain DPs with the sources of skip edges fixed),
+      "miqp" (SCIP), "bound" (a bound alone: infeasible or cutoff before any search),
+      "brute_force".
     message: a readable reason for infeasible, cutoff and time_limit; empty otherwise.
     min_peak_memory: the least memory any assignment needs on its fullest stage (bytes).
     stage_times: p_i of the returned assignment, per stage.

@@ -7,6 +7,7 @@ import math
 import time as time_lib
 
 from uniap_jax.solver import _chain_dp
+from uniap_jax.solver import _hub
 from uniap_jax.solver import _miqp
 from uniap_jax.solver import _one_stage
 from uniap_jax.solver import _problem
@@ -33,6 +34,10 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
   - DAGs (skip edges) on one stage, method "auto": every edge is then local, and an
     exact DP over the layer order that carries the candidates of layers with pending
     edges (see `_one_stage`; at most three at once) returns a proven optimum.
+  - DAGs whose skip edges leave at most a few layers (T5: the encoder output feeds
+    every decoder block), method "auto": one chain DP per combination of those layers'
+    candidates (see `_hub`) gives an assignment and a lower bound; when they meet, the
+    assignment is returned as optimal ("hub_dp"), otherwise both go to SCIP.
   - Other DAGs, method "auto": SCIP solves the MIQP (see `_miqp`) and is the solver
     of record. The chain DP, run on the problem without its skip edges,
     gives SCIP its first solution and a valid bound (skip edges only add time, so the
@@ -42,7 +47,8 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
     solution), to cross-check the two.
   Every method starts from the leanest assignment (least memory on the fullest stage),
   so a time limit returns an assignment whenever one fits, with status "time_limit"
-  and its gap. The returned objective is recomputed from the tables. Same input, same
+  and its gap; the clock is also checked while SCIP's model is built. The returned
+  objective is recomputed from the tables. Same input, same
   answer (SCIP runs on one thread with a fixed seed), unless the wall-clock limit
   stops a search.
 
@@ -128,7 +134,7 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
   trivial = _tables.trivial_bound(raw)
   if trivial >= beat:
     return finish("cutoff", bound=trivial, method_used="bound", message=_cutoff_message(upper, trivial))
-  tables = _tables.prune(raw)
+  tables = _tables.prune(raw, deadline)
 
   # The leanest assignment (least peak memory) is feasible: every method starts from it,
   # so that even a time limit too short for anything else returns an assignment.
@@ -171,11 +177,32 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
       return finish("cutoff", bound=upper, method_used="one_stage_dp", message=_cutoff_message(upper, upper))
     return finish("optimal", *found, bound=objective, method_used="one_stage_dp")
 
-  # SCIP.
   objective_lb = trivial
   if method == "auto":
     skip_least = sum(float(min(same.min(), cross.min())) for _, _, same, cross in tables.skips)
     objective_lb = max(relaxed.bound + skip_least, trivial)
+
+  open_gap = objective_lb < min(beat, warm_objective) * (1 - _PROOF_RTOL)
+  if method == "auto" and open_gap and _hub.supported(tables):
+    # Skip edges leave a few layers: chain DPs with those layers' candidates fixed, and
+    # SCIP with them fixed where the DPs' bound does not meet the best assignment.
+    hub = _hub.solve_hub(tables, upper_bound=min(beat, warm_objective), incumbent=warm,
+                         deadline=deadline, chain_bound=max(relaxed.bound, 0.0))
+    if hub.choice is not None:
+      warm, warm_objective = (hub.stages, hub.choice), hub.objective
+    bound = max(objective_lb, hub.bound)
+    used = "miqp" if hub.scip_used else "hub_dp"
+    if warm is None:
+      if hub.timed_out:
+        return finish("time_limit", bound=bound, method_used=used, message=no_time)
+      bound = max(bound, upper)
+      return finish("cutoff", bound=bound, method_used=used, message=_cutoff_message(upper, bound))
+    if bound >= warm_objective * (1 - _PROOF_RTOL):
+      return finish("optimal", *warm, bound=bound, method_used=used)
+    return finish("time_limit", *warm, bound=bound, method_used=used)
+
+  # SCIP.
+  if method == "auto":
     if objective_lb >= upper * (1 - _PROOF_RTOL):
       return finish("cutoff", bound=objective_lb, method_used="bound",
                     message=_cutoff_message(upper, objective_lb))
