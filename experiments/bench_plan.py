@@ -4,7 +4,8 @@
   python -m experiments.bench_plan --targets=bert_huge:env_a:16
 
 Prints, per target, the solver's time summed over the outer loop (`plan.solver.time_s`:
-tracing and cost tables excluded), the whole search's time, status and gap.
+tracing and cost tables excluded), the whole search's wall time (cost tables included)
+and its CPU time (steadier on a shared machine), status and gap.
 """
 
 import time
@@ -35,11 +36,14 @@ def main(argv):
     t0 = time.perf_counter()
     graph = graph_lib.trace(models.train_step(name), model, optimizer, example)
     trace_s = time.perf_counter() - t0
+    cpu0 = time.process_time()
     plan = search.plan_graph(graph, cluster, args=(model, optimizer, example),
                              time_limit_s=_TIME_LIMIT.value)
+    cpu_s = time.process_time() - cpu0
     s = plan.solver
     print(f"{name} on {cluster_name} ({cluster.num_devices} devices), global batch {batch}: "
-          f"solver {s.time_s:.2f} s, search {s.search_time_s:.1f} s, trace {trace_s:.1f} s; "
+          f"solver {s.time_s:.2f} s, search {s.search_time_s:.1f} s (CPU {cpu_s:.1f} s), "
+          f"trace {trace_s:.1f} s; "
           f"{s.status}, gap {100 * s.gap:.2f}%, {s.configurations} configurations "
           f"({s.skipped} pruned); plan {plan.mesh_axes}, {plan.num_microbatches} micro-batches, "
           f"{plan.schedule}, {plan.predicted.throughput:.2f} samples/s", flush=True)

@@ -229,6 +229,15 @@ def test_markdown_puts_the_papers_cells_beside_ours():
           "pp2 dp4; 34x dp=b0 | 10.77 samples/s |") in text
 
 
+def test_markdown_says_how_far_a_stopped_search_is_from_proven():
+  stopped = paper_tables.Result(
+      model="bert_huge", cluster="env_b", global_batch=32, method="uniap", feasibility="ok",
+      status="time_limit", gap=0.1234, throughput=10.5, memory_per_device_bytes=2**31,
+      pp=2, num_microbatches=8, schedule="gpipe", mesh="pp2 dp4", strategy_mix="34x dp=b0")
+  text = paper_tables.markdown([stopped], time_limit_s=5.0)
+  assert "| time_limit (gap 12.3%) |" in text
+
+
 # --- launchers, end to end (own processes: each defines its absl flags) ----------------
 
 

@@ -109,3 +109,113 @@ def test_memory_limit_no_plan_meets(gpt2):
   with pytest.raises(search.InfeasibleError, match="No plan fits: the leanest") as err:
     search.plan_graph(graph, CPU8, args=args, memory_limit_bytes=1000)
   assert err.value.needed_bytes > 1000 and err.value.limit_bytes == 1000
+
+
+def _exhaustive(graph, cluster, **knobs):
+  """The outer loop without any bound: every configuration built and solved; without
+  a memory limit, with all its candidates (none dropped as dominated). (With one, the
+  reserve kept free is the largest transient of the candidates kept, so unpruned
+  tables would change the problem itself.)"""
+  from uniap_jax import cost
+  batch = knobs.pop("global_batch", graph.batch_size)
+  limit = knobs.pop("memory_limit_bytes", None)
+  best, cache = math.inf, {}
+  for config in search.configurations(graph, cluster, global_batch=batch, **knobs):
+    tables = cost.build_cost_tables(
+        graph, cluster, mesh=config.mesh, num_stages=config.num_stages,
+        num_microbatches=config.num_microbatches, global_batch=batch,
+        schedule=config.schedule, memory_limit_bytes=limit, prune=limit is not None,
+        cache=cache)
+    if (any(not l.candidates for l in tables.layers) or tables.over_limit
+        or tables.reserve_bytes >= tables.memory_limit_bytes):
+      continue
+    sol = solver.solve(search.to_problem(tables))
+    if sol.choice:
+      best = min(best, sol.objective)
+  return best
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(pp=2, schedule="gpipe"),
+    dict(num_microbatches=4),
+    dict(pp=1, memory_limit_bytes=1.2e6),  # tight: one micro-batch does not fit
+])
+def test_pruned_search_finds_the_exhaustive_optimum(gpt2, knobs):
+  _, args, graph = gpt2
+  want = _exhaustive(graph, CPU8, **dict(knobs))
+  if math.isinf(want):
+    with pytest.raises(search.InfeasibleError):
+      search.plan_graph(graph, CPU8, args=args, **knobs)
+    return
+  plan = search.plan_graph(graph, CPU8, args=args, **knobs)
+  assert plan.solver.status == "optimal"
+  assert plan.predicted.step_time_s == pytest.approx(want, rel=1e-9)
+
+
+def test_every_bound_is_below_the_configurations_optimum(gpt2):
+  """FLOPs, scaled and exact layer bounds never exceed the solved objective, and a
+  configuration either memory test rules out has no feasible assignment (under a
+  limit tight enough that some configurations have none)."""
+  from uniap_jax import cost
+  from uniap_jax.cost import _tables
+  _, _, graph = gpt2
+  cache, batch, limit = {}, graph.batch_size, 1.2e6
+  configs = search.configurations(graph, CPU8, pp=2, schedule="1f1b", global_batch=batch)
+  configs += search.configurations(graph, CPU8, pp=1, global_batch=batch)
+  loop = search._Search(graph=graph, cluster=CPU8, configs=configs, cache=cache,
+                        limit=limit, memory_limit_bytes=limit, global_batch=batch,
+                        deadline=math.inf, progress=None)
+  flops = _tables.flops_time_bounds(graph, CPU8, global_batch=batch, cache=cache)
+  statuses = set()
+  for config in configs:
+    tables = cost.build_cost_tables(
+        graph, CPU8, mesh=config.mesh, num_stages=config.num_stages,
+        num_microbatches=config.num_microbatches, global_batch=batch,
+        schedule=config.schedule, memory_limit_bytes=limit, cache=cache)
+    ref = loop._reference[config.mesh]
+    scaled = search._check_layers(loop._layers(config, ref), config, limit=limit,
+                                  scale=ref / config.num_microbatches, exact=False)
+    exact = search._check_layers(loop._layers(config, config.num_microbatches), config,
+                                 limit=limit, scale=1.0, exact=True)
+    if tables.reserve_bytes >= limit or tables.over_limit:
+      # The search rules these out (no room left, or a layer over the limit on stage 0).
+      assert not exact.feasible, config.describe()
+      statuses.add("infeasible")
+      continue
+    sol = solver.solve(search.to_problem(tables))
+    statuses.add(sol.status)
+    if sol.status == "infeasible":
+      continue
+    assert scaled.feasible and exact.feasible, config.describe()
+    tol = 1 + 1e-9
+    assert loop._flops_bound(config, flops) <= sol.objective * tol, config.describe()
+    assert scaled.bound <= sol.objective * tol, config.describe()
+    assert exact.bound <= sol.objective * tol, config.describe()
+    assert exact.bound == pytest.approx(search.lower_bound(tables), rel=1e-9)
+  assert statuses == {"optimal", "infeasible"}
+
+
+@pytest.mark.parametrize("mesh_index", [0, 1, 2])
+def test_costs_scaled_from_a_larger_microbatch_bound_the_smaller_ones(gpt2, mesh_index):
+  """The scaled bound rests on this: per layer, the fastest candidate's time and the
+  leanest candidate's memory at b samples are at least b / B of those at B > b."""
+  from uniap_jax import strategies
+  from uniap_jax.cost import _tables
+  _, _, graph = gpt2
+  cache = {}
+  meshes = strategies.mesh_shapes(CPU8, 8)
+  mesh = meshes[min(mesh_index, len(meshes) - 1)]
+  big = _tables.layer_costs(graph, CPU8, mesh=mesh, microbatch=16, cache=cache)
+  for small_b in (1, 2, 4, 8):
+    small = _tables.layer_costs(graph, CPU8, mesh=mesh, microbatch=small_b, cache=cache)
+    r = small_b / 16
+    for lb, ls in zip(big, small):
+      for c in (1, 2, 8):
+        want = min(m + s / c for m, s in zip(ls.microbatch_time_s, ls.step_time_s))
+        got = min(r * m + s / c for m, s in zip(lb.microbatch_time_s, lb.step_time_s))
+        assert got <= want * (1 + 1e-9), (lb.name, small_b, c)
+      for f in (1, 3):
+        want = min(ls.memory_bytes(f))
+        got = min(s + g + a * r * f for s, g, a in
+                  zip(lb.state_bytes, lb.grad_bytes, lb.activation_bytes))
+        assert got <= want * (1 + 1e-9), (lb.name, small_b, f)

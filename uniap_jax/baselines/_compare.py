@@ -77,7 +77,7 @@ def compare(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
       schedule, time_limit_s: as in `data_parallel`, passed to every method (a pinned
       pp != 1 makes the non-pipelining methods "not applicable").
     methods: "uniap" and/or keys of BASELINES; default all, UniAP first.
-    cache: shared cost tables for the baselines (UniAP's outer loop keeps its own).
+    cache: cost tables shared by every method (same graph and cluster only).
   Returns:
     One Row per method, in the order asked.
   Raises:
@@ -101,7 +101,7 @@ def compare(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
       continue
     try:
       if name == "uniap":
-        plan = search.plan_graph(graph, cluster, pp=pp, **knobs)
+        plan = search.plan_graph(graph, cluster, pp=pp, cache=cache, **knobs)
       else:
         extra = {"pp": pp} if name in _methods.PIPELINED else {}
         plan = _methods.BASELINES[name](graph, cluster, cache=cache, **extra, **knobs)

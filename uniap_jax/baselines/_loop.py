@@ -128,7 +128,17 @@ def run(method: str, graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
     if time.perf_counter() >= deadline:
       timed_out = True
       break
+    incumbent = None if best is None else best[0].objective
     try:
+      if incumbent is not None:
+        # No assignment here can beat the incumbent: skip before building edges.
+        lb = search.configuration_bound(
+            graph, cluster, config, global_batch=global_batch,
+            memory_limit_bytes=knobs.memory_limit_bytes, cutoff=incumbent, cache=cache)
+        if lb >= incumbent:
+          skipped += 1
+          bound = min(bound, lb)
+          continue
       tables = cost.build_cost_tables(
           graph, cluster, mesh=config.mesh, num_stages=config.num_stages,
           num_microbatches=config.num_microbatches, global_batch=global_batch,

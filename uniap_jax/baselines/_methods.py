@@ -194,14 +194,12 @@ def intra_only(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
   """Intra-layer parallelism alone (the paper's "intra-only" ablation).
 
   UniAP with one stage: every layer's candidates free, every mesh and micro-batch
-  count searched, solved exactly. Arguments as in `data_parallel` (`cache` is
-  unused: UniAP's outer loop keeps its own).
+  count searched, solved exactly. Arguments as in `data_parallel`.
   """
-  del cache
   _loop.check_pp1("intra_only", pp)
   return search.plan_graph(graph, cluster, args=args, pp=1, num_microbatches=num_microbatches,
                            schedule=schedule, memory_limit_bytes=memory_limit_bytes,
-                           time_limit_s=time_limit_s, global_batch=global_batch)
+                           time_limit_s=time_limit_s, global_batch=global_batch, cache=cache)
 
 
 def alpa(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,

@@ -296,6 +296,107 @@ def build_cost_tables(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
   microbatch = global_batch // num_microbatches
   limit = cluster.memory_bytes if memory_limit_bytes is None else memory_limit_bytes
   cache = {} if cache is None else cache
+  layers, unsupported = _layer_costs(graph, cluster, mesh, microbatch, recompute, prune, cache)
+  for prim, where in unsupported:
+    warnings.warn(f"No sharding rule for {prim!r} ({where}): kept replicated; add one in "
+                  "uniap_jax/strategies/_rules.py.", stacklevel=2)
+  edges = _all_edge_costs(graph, layers, mesh, cluster, cache)
+  reserve = reserve_bytes(layers)
+  over = over_limit(layers, schedule=schedule, num_microbatches=num_microbatches,
+                    num_stages=num_stages, limit_bytes=limit)
+  if prune:
+    layers, edges = _configuration_view(layers, edges, num_microbatches, cache)
+  return CostTables(mesh=mesh, cluster=cluster, num_stages=num_stages,
+                    num_microbatches=num_microbatches, microbatch_size=microbatch,
+                    schedule=schedule, layers=tuple(layers), edges=edges,
+                    memory_limit_bytes=float(limit), reserve_bytes=reserve,
+                    over_limit=tuple(over), unsupported=dict(unsupported))
+
+
+def layer_costs(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
+                mesh: strategies.MeshShape, microbatch: int, recompute: bool | None = None,
+                prune: bool = True, cache: dict | None = None) -> tuple[LayerCosts, ...]:
+  """Every layer's costs on one stage mesh at one micro-batch size, without edges.
+
+  This is the part of `build_cost_tables` that does not depend on the number of
+  stages, micro-batches or the schedule, so an outer loop can bound a configuration
+  (fastest and leanest candidates) before it pays for the edges. Same arguments as
+  `build_cost_tables`; `microbatch` counts the samples of one micro-batch.
+  """
+  if not isinstance(microbatch, int) or microbatch < 1:
+    raise ValueError(f"microbatch must be a positive int, got {microbatch!r}.")
+  cache = {} if cache is None else cache
+  return _layer_costs(graph, cluster, mesh, microbatch, recompute, prune, cache)[0]
+
+
+def flops_time_bounds(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
+                      global_batch: int, cache: dict | None = None
+                      ) -> tuple[tuple[float, float], ...]:
+  """Per layer, compute seconds no candidate on any mesh can beat, before any costing.
+
+  Returns (per_sample_s, per_step_s) per layer: with a micro-batch of b samples on a
+  stage of m devices, every candidate's `microbatch_time_s` is at least
+  b * per_sample_s / m and its `step_time_s` at least per_step_s / m. Why: a device
+  does at least 1/m of each op's FLOPs, no faster than the cluster's best peak times
+  its efficiency (the roofline charges max(FLOPs, bytes) terms), and communication
+  only adds; an op's FLOPs grow at least in proportion to the batch (constant parts
+  only help), so the traced FLOPs at `global_batch` samples, scaled down to b, bound
+  them from below. Optimizer ops run once per step.
+  """
+  cache = {} if cache is None else cache
+  key = ("flops_bounds", global_batch, id(cluster))
+  got = cache.get(key)
+  if got is not None:
+    return got
+  info = cache.get("info")
+  if info is None:
+    info = cache["info"] = strategies.analyze(graph)
+  rate = max(cluster.peak_flops_per_s.values()) * cluster.compute_efficiency
+  by_signature: dict[str, tuple[float, float]] = {}
+  out = []
+  for layer in graph.layers:
+    pair = by_signature.get(layer.signature)
+    if pair is None:
+      ir_key = ("ir", layer.signature, global_batch)
+      ir = cache.get(ir_key)
+      if ir is None:
+        ir = cache[ir_key] = strategies.build_ir(layer, info, microbatch=global_batch)
+      micro = sum(o.flops for o in ir.ops if o.op.phase != "optimizer")
+      step = sum(o.flops for o in ir.ops if o.op.phase == "optimizer")
+      pair = by_signature[layer.signature] = (micro / global_batch / rate, step / rate)
+    out.append(pair)
+  got = cache[key] = tuple(out)
+  return got
+
+
+def reserve_bytes(layers: Sequence[LayerCosts]) -> float:
+  """The largest transient working set of any kept candidate (kept free once per device)."""
+  return max((max(l.temp_bytes, default=0.0) for l in layers), default=0.0)
+
+
+def over_limit(layers: Sequence[LayerCosts], *, schedule: str, num_microbatches: int,
+               num_stages: int, limit_bytes: float) -> tuple[tuple[str, float], ...]:
+  """(layer, least bytes) for layers with no candidate under the limit on stage 0."""
+  in_flight = microbatches_in_flight(schedule, num_microbatches, num_stages, 0)
+  over = []
+  for l in layers:
+    least = min((m + t for m, t in zip(l.memory_bytes(in_flight, num_microbatches > 1),
+                                       l.temp_bytes)), default=math.inf)
+    if least > limit_bytes:
+      over.append((l.name, least))
+  return tuple(over)
+
+
+def _layer_costs(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
+                 mesh: strategies.MeshShape, microbatch: int, recompute: bool | None,
+                 prune: bool, cache: dict
+                 ) -> tuple[tuple[LayerCosts, ...], tuple[tuple[str, str], ...]]:
+  """The layers' costs and the unsupported primitives, computed once per mesh and
+  micro-batch size in `cache` (identical layers share one costing)."""
+  key = ("layers", mesh, microbatch, recompute, prune, id(cluster))
+  got = cache.get(key)
+  if got is not None:
+    return got
   info = cache.get("info")
   if info is None:
     info = cache["info"] = strategies.analyze(graph)
@@ -308,11 +409,18 @@ def build_cost_tables(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
       ir = cache[ir_key] = strategies.build_ir(layer, info, microbatch=microbatch)
     for prim, src in strategies.unsupported(ir).items():
       unsupported.setdefault(prim, f"layer {ir.layer.name!r} at {src or 'unknown source'}")
-    ids = (lambda v: v) if ir.layer is layer else strategies.rebind(ir, layer).__getitem__
-    key = (layer.signature, mesh, microbatch, recompute, prune, id(cluster))
-    shared = cache.get(key)
+    if ir.layer is layer:
+      ids = lambda v: v
+    else:
+      rebind_key = ("rebind", layer.signature, microbatch, layer.name)
+      mapping = cache.get(rebind_key)
+      if mapping is None:
+        mapping = cache[rebind_key] = strategies.rebind(ir, layer)
+      ids = mapping.__getitem__
+    shared_key = (layer.signature, mesh, microbatch, recompute, prune, id(cluster))
+    shared = cache.get(shared_key)
     if shared is None:
-      shared = cache[key] = _cost_layer(ir, mesh, cluster, recompute, prune)
+      shared = cache[shared_key] = _cost_layer(ir, mesh, cluster, recompute, prune)
     cands, micro, step, state, grads, act, temp, costed = shared
     paths = {p.value_id: p.path for p in layer.params}
     layers.append(LayerCosts(
@@ -324,25 +432,83 @@ def build_cost_tables(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
         output_nbytes=tuple(float(ir.values[v].nbytes) for v in ir.output_ids),
         microbatch_time_s=micro, step_time_s=step, state_bytes=state, grad_bytes=grads,
         activation_bytes=act, temp_bytes=temp, num_costed=costed))
-  for prim, where in sorted(unsupported.items()):
-    warnings.warn(f"No sharding rule for {prim!r} ({where}): kept replicated; add one in "
-                  "uniap_jax/strategies/_rules.py.", stacklevel=2)
+  got = cache[key] = (tuple(layers), tuple(sorted(unsupported.items())))
+  return got
+
+
+def _all_edge_costs(graph: graph_lib.LayerGraph, layers: Sequence[LayerCosts],
+                    mesh: strategies.MeshShape, cluster: cluster_lib.Cluster,
+                    cache: dict) -> tuple[EdgeCosts, ...]:
+  """The graph's edges between costed layers, once per mesh and micro-batch size (the
+  layers tuple is shared per both), each distinct table computed once."""
+  key = ("edges", id(layers), id(cluster))
+  got = cache.get(key)
+  if got is not None and got[0] is layers:
+    return got[1]
   by_name = {l.name: l for l in layers}
   edges = tuple(_edge_costs(e, by_name, mesh, cluster, cache) for e in graph.edges
                 if e.src in by_name and e.dst in by_name)
-  reserve = max((max(l.temp_bytes, default=0.0) for l in layers), default=0.0)
-  over = []
-  first_in_flight = microbatches_in_flight(schedule, num_microbatches, num_stages, 0)
+  cache[key] = (layers, edges)
+  return edges
+
+
+def _configuration_view(layers: tuple[LayerCosts, ...], edges: tuple[EdgeCosts, ...],
+                        num_microbatches: int, cache: dict
+                        ) -> tuple[tuple[LayerCosts, ...], tuple[EdgeCosts, ...]]:
+  """The candidates one micro-batch count can prefer, with their edges' rows.
+
+  Once the micro-batch count is fixed, the solver sees a candidate only through its
+  time microbatch_time_s + step_time_s / c and its memory, state + gradients +
+  activations x in-flight (state + max(gradients, activations) with one micro-batch).
+  A candidate dominated in those (two or three numbers, not the five kept per mesh)
+  by one with the same boundary layouts, hence the same edge costs, is never needed.
+  The reserve and the memory checks are taken before this, on every kept candidate.
+  """
+  key = ("view", id(layers), num_microbatches)
+  got = cache.get(key)
+  if got is not None and got[0] is layers:
+    return got[1]
+  c = num_microbatches
+  keep_of: dict[int, list[int]] = {}  # id(candidates) -> kept indices
+  fields = ("candidates", "microbatch_time_s", "step_time_s", "state_bytes", "grad_bytes",
+            "activation_bytes", "temp_bytes")
+  picked: dict[int, dict[str, tuple] | None] = {}
+  out_layers = []
   for l in layers:
-    least = min((m + t for m, t in zip(l.memory_bytes(first_in_flight, num_microbatches > 1),
-                                       l.temp_bytes)), default=math.inf)
-    if least > limit:
-      over.append((l.name, least))
-  return CostTables(mesh=mesh, cluster=cluster, num_stages=num_stages,
-                    num_microbatches=num_microbatches, microbatch_size=microbatch,
-                    schedule=schedule, layers=tuple(layers), edges=edges,
-                    memory_limit_bytes=float(limit), reserve_bytes=reserve,
-                    over_limit=tuple(over), unsupported=dict(sorted(unsupported.items())))
+    if id(l.candidates) not in keep_of:
+      time = np.asarray(l.microbatch_time_s) + np.asarray(l.step_time_s) / c
+      state, grad = np.asarray(l.state_bytes), np.asarray(l.grad_bytes)
+      act = np.asarray(l.activation_bytes)
+      if c > 1:
+        objectives = np.stack([time, state + grad, act], axis=1)
+      else:
+        objectives = np.stack([time, state + np.maximum(grad, act)], axis=1)
+      groups: dict[tuple, list[int]] = {}
+      for i, cand in enumerate(l.candidates):
+        groups.setdefault(cand.boundary_key, []).append(i)
+      keep = sorted(i for idx in groups.values() for i in
+                    (idx[j] for j in _pareto(objectives[idx])))
+      keep_of[id(l.candidates)] = keep
+      # Layers of one signature share the picked tuples (edge caches key on them).
+      picked[id(l.candidates)] = None if len(keep) == len(l.candidates) else {
+          f: tuple(getattr(l, f)[i] for i in keep) for f in fields}
+    got = picked[id(l.candidates)]
+    out_layers.append(l if got is None else dataclasses.replace(l, **got))
+  by_name = {l.name: l for l in layers}
+  sliced: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+  out_edges = []
+  for e in edges:
+    src_keep = keep_of[id(by_name[e.src].candidates)]
+    dst_keep = keep_of[id(by_name[e.dst].candidates)]
+    skey = (id(e.same_stage_s), id(src_keep), id(dst_keep))
+    tables = sliced.get(skey)
+    if tables is None:
+      rows = np.ix_(src_keep, dst_keep)
+      tables = sliced[skey] = (e.same_stage_s[rows], e.cross_stage_s[rows])
+    out_edges.append(dataclasses.replace(e, same_stage_s=tables[0], cross_stage_s=tables[1]))
+  got = (tuple(out_layers), tuple(out_edges))
+  cache[key] = (layers, got)
+  return got
 
 
 def _cost_layer(ir: strategies.LayerIR, mesh: strategies.MeshShape,
