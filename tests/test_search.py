@@ -70,6 +70,13 @@ def test_predicted_step_time_is_the_solvers_objective(gpt2):
     choice[l.name] = [c.name for c in costs.candidates].index(l.strategy)
   got = solver.evaluate(problem, choice, stage)
   assert got.objective == pytest.approx(plan.predicted.step_time_s, rel=1e-9)
+  # What the runtime's lockstep GPipe costs, and sends, for that choice.
+  assert plan.predicted.runtime_step_time_s == pytest.approx(
+      cost.runtime_step_time_s(tables, choice, stage, executor="gpipe"), rel=1e-9)
+  assert plan.predicted.runtime_step_time_s >= plan.predicted.step_time_s * (1 - 1e-9)
+  want = cost.predicted_collectives(tables, choice, stage, executor="gpipe")
+  assert {k: v for k, v in plan.predicted.collectives.items() if v} == pytest.approx(want)
+  assert "lockstep pipeline runs it in" in plan.summary()
 
 
 def test_searching_everything_is_no_worse_than_any_pinned_choice(gpt2):

@@ -41,7 +41,12 @@ class Predicted:
     throughput: samples per second (global batch / step_time_s).
     memory_per_device_bytes: peak memory of one device, one entry per stage.
     mfu: model FLOPs utilisation: model FLOPs per step / (step_time_s x devices x peak).
-    collectives: bytes one device moves in one step, per collective kind.
+    collectives: bytes one device moves in one step, per collective kind, as this
+      package's runtime issues them (`plan.apply` with the plan's schedule).
+    runtime_step_time_s: the step time of that runtime, priced like step_time_s: it
+      runs in lockstep ticks in which every device runs every layer position, so with
+      pipelining it exceeds the UniAP objective (`cost.runtime_step_time_s`); 0 when
+      not computed.
   """
 
   step_time_s: float
@@ -52,6 +57,7 @@ class Predicted:
   memory_per_device_bytes: tuple[int, ...]
   mfu: float
   collectives: Mapping[str, float]
+  runtime_step_time_s: float = 0.0
 
   def __post_init__(self):
     if not self.step_time_s > 0:
@@ -286,6 +292,12 @@ class Plan:
         f"{p.throughput:.2f} samples/s, MFU {100 * p.mfu:.1f}%",
         f"  slowest stage, per micro-batch: compute {_fmt_time(p.compute_time_s)}, "
         f"communication {_fmt_time(p.communication_time_s)}",
+    ]
+    if p.runtime_step_time_s and len(self.stages) > 1:
+      lines.append(f"  this package's lockstep pipeline runs it in "
+                   f"{_fmt_time(p.runtime_step_time_s)} per step "
+                   f"({p.runtime_step_time_s / p.step_time_s:.2f}x the objective)")
+    lines += [
         f"  solver: {self.solver.status}, gap {100 * self.solver.gap:.2f}%, "
         f"{self.solver.time_s:.2f} s solving, {self.solver.search_time_s:.2f} s searching "
         f"{self.solver.configurations} configurations ({self.solver.skipped} pruned)",

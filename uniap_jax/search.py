@@ -35,7 +35,6 @@ from jax.sharding import PartitionSpec
 
 from uniap_jax import cluster as cluster_lib
 from uniap_jax import cost
-from uniap_jax.cost import _tables as cost_tables
 from uniap_jax import graph as graph_lib
 from uniap_jax import plans
 from uniap_jax import solver
@@ -343,12 +342,12 @@ def configuration_bound(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluste
   included, has an objective at least this large.
   """
   cache = {} if cache is None else cache
-  flops = cost_tables.flops_time_bounds(graph, cluster, global_batch=global_batch,
+  flops = cost.flops_time_bounds(graph, cluster, global_batch=global_batch,
                                         cache=cache)
   bound = _flops_bound(config, flops, global_batch)
   if bound >= cutoff:
     return bound
-  layers = cost_tables.layer_costs(graph, cluster, mesh=config.mesh,
+  layers = cost.layer_costs(graph, cluster, mesh=config.mesh,
                                    microbatch=global_batch // config.num_microbatches,
                                    cache=cache)
   limit = cluster.memory_bytes if memory_limit_bytes is None else memory_limit_bytes
@@ -358,7 +357,7 @@ def configuration_bound(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluste
 
 def _flops_bound(config: Config, flops: Sequence[tuple[float, float]],
                  global_batch: int) -> float:
-  """`objective_bound` over `cost_tables.flops_time_bounds` for this configuration."""
+  """`objective_bound` over `cost.flops_time_bounds` for this configuration."""
   m, c = config.mesh.num_devices, config.num_microbatches
   b = global_batch // c
   times = [(b * per_sample + per_step / c) / m for per_sample, per_step in flops]
@@ -391,10 +390,10 @@ def _check_layers(layers: Sequence[cost.LayerCosts], config: Config, *, limit: f
   if any(not l.candidates for l in layers):
     return _Check(feasible=False)
   c = config.num_microbatches
-  reserve = cost_tables.reserve_bytes(layers) if exact else 0.0
+  reserve = cost.reserve_bytes(layers) if exact else 0.0
   memory = _stage_memory(layers, config, scale)
   if exact:
-    over = cost_tables.over_limit(layers, schedule=config.schedule, num_microbatches=c,
+    over = cost.over_limit(layers, schedule=config.schedule, num_microbatches=c,
                                   num_stages=config.num_stages, limit_bytes=limit)
     if over:
       return _Check(feasible=False, needed_bytes=max(b for _, b in over))
@@ -526,7 +525,7 @@ class _Search:
                  config.describe(), status, bound, self.best[0] if self.best else None)
 
   def _layers(self, config: Config, num_microbatches: int) -> tuple[cost.LayerCosts, ...]:
-    return cost_tables.layer_costs(
+    return cost.layer_costs(
         self.graph, self.cluster, mesh=config.mesh,
         microbatch=self.global_batch // num_microbatches, cache=self.cache)
 
@@ -534,7 +533,7 @@ class _Search:
     return _flops_bound(config, flops, self.global_batch)
 
   def run(self) -> None:
-    flops = cost_tables.flops_time_bounds(self.graph, self.cluster,
+    flops = cost.flops_time_bounds(self.graph, self.cluster,
                                           global_batch=self.global_batch, cache=self.cache)
     heap = [(self._flops_bound(c, flops), 0, i) for i, c in enumerate(self.configs)]
     heapq.heapify(heap)
@@ -767,9 +766,12 @@ def _predict(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config: 
   # precision run on TF32 units where the device has them (strategies' op dtypes).
   peak = cluster.peak_flops("tfloat32" if dtype == "float32" else dtype) * cluster.num_devices
   stage_of = dict(sol.stage)
-  collectives = cost.predicted_collectives(tables, sol.choice, stage_of)
+  # What plan.apply runs: the plan's schedule is the executor's name.
+  collectives = cost.predicted_collectives(tables, sol.choice, stage_of, executor=config.schedule)
+  runtime_s = cost.runtime_step_time_s(tables, sol.choice, stage_of, executor=config.schedule)
   return plans.Predicted(
       step_time_s=step_time, compute_time_s=compute, communication_time_s=comm,
       bubble_time_s=max(step_time - c * slowest, 0.0),
       throughput=global_batch / step_time, memory_per_device_bytes=tuple(memory),
-      mfu=model_flops / (step_time * peak), collectives=collectives)
+      mfu=model_flops / (step_time * peak), collectives=collectives,
+      runtime_step_time_s=runtime_s)

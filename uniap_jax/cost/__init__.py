@@ -27,4 +27,8 @@ from uniap_jax.cost._tables import EdgeCosts as EdgeCosts
 from uniap_jax.cost._tables import LayerCosts as LayerCosts
 from uniap_jax.cost._tables import SCHEDULES as SCHEDULES
 from uniap_jax.cost._tables import build_cost_tables as build_cost_tables
+from uniap_jax.cost._tables import flops_time_bounds as flops_time_bounds
+from uniap_jax.cost._tables import layer_costs as layer_costs
 from uniap_jax.cost._tables import microbatches_in_flight as microbatches_in_flight
+from uniap_jax.cost._tables import over_limit as over_limit
+from uniap_jax.cost._tables import reserve_bytes as reserve_bytes
