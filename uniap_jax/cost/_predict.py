@@ -161,6 +161,22 @@ def manual_axes(tables: _tables.CostTables, choice: Mapping[str, int]) -> tuple[
   return lead + tuple(a for a in _batch_axes(tables, choice) if a not in param_axes)
 
 
+def _edge_values(tables, choice, stage_of):
+  """Per value an edge carries: (value id, source stage, destination stage, output index
+  at the source, input index at the destination, full bytes, source and destination
+  layouts under `choice`)."""
+  layers = {l.name: l for l in tables.layers}
+  for edge in tables.edges:
+    src, dst = layers[edge.src], layers[edge.dst]
+    cs, cd = src.candidates[choice[src.name]], dst.candidates[choice[dst.name]]
+    for v in edge.value_ids:
+      if v not in src.output_ids or v not in dst.input_ids:
+        continue
+      i, j = src.output_ids.index(v), dst.input_ids.index(v)
+      yield (v, stage_of[src.name], stage_of[dst.name], src.name, dst.name, i, j,
+             src.output_nbytes[i], cs.output_layouts[i], cd.input_layouts[j])
+
+
 def _paper_by_stage(tables, choice, stage_of) -> tuple[Summary, ...]:
   c = tables.num_microbatches
   out: list[Summary] = [{} for _ in range(tables.num_stages)]
@@ -169,29 +185,19 @@ def _paper_by_stage(tables, choice, stage_of) -> tuple[Summary, ...]:
     stage = out[stage_of[layer.name]]
     for comm in cand.comms:
       _add(stage, comm.kind, comm.axes, comm.bytes, comm.count * (1 if comm.per_step else c))
-  layers = {l.name: l for l in tables.layers}
   sizes = tables.mesh.sizes
-  for edge in tables.edges:
-    src, dst = layers[edge.src], layers[edge.dst]
-    cs, cd = src.candidates[choice[src.name]], dst.candidates[choice[dst.name]]
-    s_src, s_dst = stage_of[src.name], stage_of[dst.name]
-    for v in edge.value_ids:
-      if v not in src.output_ids or v not in dst.input_ids:
-        continue
-      i, j = src.output_ids.index(v), dst.input_ids.index(v)
-      nbytes = src.output_nbytes[i]
-      ls, ld = cs.output_layouts[i], cd.input_layouts[j]
-      if s_src == s_dst:
-        _reshard_into(out[s_src], ls, ld, nbytes, tables.mesh, c)  # the activation
-        _reshard_into(out[s_src], ld, ls, nbytes, tables.mesh, c)  # its cotangent
-        continue
-      hops = s_dst - s_src
-      _add(out[s_src], "send", (PIPELINE_AXIS,), nbytes / strategies.shard_count(ls, sizes),
-           c * hops)
-      _add(out[s_dst], "send", (PIPELINE_AXIS,), nbytes / strategies.shard_count(ld, sizes),
-           c * hops)
-      _reshard_into(out[s_dst], ls, ld, nbytes, tables.mesh, c)
-      _reshard_into(out[s_src], ld, ls, nbytes, tables.mesh, c)
+  for _, s_src, s_dst, _, _, _, _, nbytes, ls, ld in _edge_values(tables, choice, stage_of):
+    if s_src == s_dst:
+      _reshard_into(out[s_src], ls, ld, nbytes, tables.mesh, c)  # the activation
+      _reshard_into(out[s_src], ld, ls, nbytes, tables.mesh, c)  # its cotangent
+      continue
+    hops = s_dst - s_src
+    _add(out[s_src], "send", (PIPELINE_AXIS,), nbytes / strategies.shard_count(ls, sizes),
+         c * hops)
+    _add(out[s_dst], "send", (PIPELINE_AXIS,), nbytes / strategies.shard_count(ld, sizes),
+         c * hops)
+    _reshard_into(out[s_dst], ls, ld, nbytes, tables.mesh, c)
+    _reshard_into(out[s_src], ld, ls, nbytes, tables.mesh, c)
   return tuple(out)
 
 
@@ -280,27 +286,17 @@ def _program(tables: _tables.CostTables, choice: Mapping[str, int],
   # share both positions run one program); buffer slots across stage boundaries.
   position_of = {per_stage[s][i].name: p for p, where in enumerate(aligned)
                  for s, i in where.items()}
-  layers = {l.name: l for l in tables.layers}
   live: list[list[tuple[float, float]]] = [[] for _ in range(num_stages - 1)]
   seen: set[int] = set()
   pairs: dict[tuple, tuple] = {}
-  for edge in tables.edges:
-    src, dst = layers[edge.src], layers[edge.dst]
-    cs, cd = src.candidates[choice[src.name]], dst.candidates[choice[dst.name]]
-    s_src, s_dst = stage_of[src.name], stage_of[dst.name]
-    for v in edge.value_ids:
-      if v not in src.output_ids or v not in dst.input_ids:
-        continue
-      i, j = src.output_ids.index(v), dst.input_ids.index(v)
-      nbytes = src.output_nbytes[i]
-      ls, ld = cs.output_layouts[i], cd.input_layouts[j]
-      pairs.setdefault((position_of[src.name], position_of[dst.name], i, j, ls, ld),
-                       (ls, ld, nbytes))
-      if s_dst > s_src and v not in seen:
-        seen.add(v)
-        local = nbytes / strategies.shard_count(ls, sizes)
-        for b in range(s_src, s_dst):
-          live[b].append((nbytes, local))
+  for v, s_src, s_dst, src, dst, i, j, nbytes, ls, ld in _edge_values(tables, choice,
+                                                                      stage_of):
+    pairs.setdefault((position_of[src], position_of[dst], i, j, ls, ld), (ls, ld, nbytes))
+    if s_dst > s_src and v not in seen:
+      seen.add(v)
+      local = nbytes / strategies.shard_count(ls, sizes)
+      for b in range(s_src, s_dst):
+        live[b].append((nbytes, local))
   slots: list[tuple[float, float]] = []  # (full bytes, local bytes), shared by equal sizes
   for values in live:
     taken: set[int] = set()
