@@ -94,7 +94,9 @@ def plan_graph(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
   peak, no costing at all; (1) the layers costed once per stage mesh at its largest
   micro-batch, scaled down to this configuration's; (2) the layers costed at its own
   micro-batch (fastest candidates, least memory per stage); (3) edges, the Problem
-  and the solver. A configuration whose bound reaches the incumbent is pruned, and
+  and the solver. Until a first plan exists, the configuration taken is followed
+  through to its solve (so that a short budget still ends with a plan). A
+  configuration whose bound reaches the incumbent is pruned, and
   since the queue is ordered by bound, so is every one after it. The order depends
   only on the inputs (ties by configuration order), so every host gets the same plan
   unless the time limit stops the search. A first solve gets at most a quarter of
@@ -220,6 +222,11 @@ class _Search:
         self.skipped += 1
         self._report(config, "pruned", key)
         continue
+      # Until there is an incumbent, the configuration taken goes straight on to its
+      # solve (a dive) instead of back into the queue after each bound: bounding every
+      # configuration first could spend a short budget without finding any plan. The
+      # order stays a function of the inputs, and every bound stays valid.
+      dive = self.best is None
       try:
         if level == 0 and self._reference[config.mesh] != config.num_microbatches:
           reference = self._reference[config.mesh]
@@ -228,18 +235,22 @@ class _Search:
           if not check.feasible:
             self._relaxed_out.append(i)
             self._report(config, "infeasible", math.inf)
-          else:
-            heapq.heappush(heap, (max(key, check.bound), 1, i))
-          continue
+            continue
+          key, level = max(key, check.bound), 1
+          if not dive:
+            heapq.heappush(heap, (key, level, i))
+            continue
         if level <= 1:
           check = _check_layers(self._layers(config, config.num_microbatches), config,
                                 limit=self.limit, scale=1.0, exact=True)
           if not check.feasible:
             self._needed.append(check.needed_bytes)
             self._report(config, "infeasible", math.inf)
-          else:
-            heapq.heappush(heap, (max(key, check.bound), 2, i))
-          continue
+            continue
+          key, level = max(key, check.bound), 2
+          if not dive:
+            heapq.heappush(heap, (key, level, i))
+            continue
         tables = cost.build_cost_tables(
             self.graph, self.cluster, mesh=config.mesh, num_stages=config.num_stages,
             num_microbatches=config.num_microbatches, global_batch=self.global_batch,
