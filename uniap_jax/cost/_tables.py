@@ -329,6 +329,14 @@ def layer_costs(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
   return _layer_costs(graph, cluster, mesh, microbatch, recompute, prune, cache)[0]
 
 
+def _graph_info(graph: graph_lib.LayerGraph, cache: dict) -> strategies.GraphInfo:
+  """The graph-wide analysis the strategies need, once per cache."""
+  info = cache.get("info")
+  if info is None:
+    info = cache["info"] = strategies.analyze(graph)
+  return info
+
+
 def flops_time_bounds(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
                       global_batch: int, cache: dict | None = None
                       ) -> tuple[tuple[float, float], ...]:
@@ -348,9 +356,7 @@ def flops_time_bounds(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
   got = cache.get(key)
   if got is not None:
     return got
-  info = cache.get("info")
-  if info is None:
-    info = cache["info"] = strategies.analyze(graph)
+  info = _graph_info(graph, cache)
   rate = max(cluster.peak_flops_per_s.values()) * cluster.compute_efficiency
   by_signature: dict[str, tuple[float, float]] = {}
   out = []
@@ -397,9 +403,7 @@ def _layer_costs(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
   got = cache.get(key)
   if got is not None:
     return got
-  info = cache.get("info")
-  if info is None:
-    info = cache["info"] = strategies.analyze(graph)
+  info = _graph_info(graph, cache)
   unsupported: dict[str, str] = {}
   layers: list[LayerCosts] = []
   for layer in graph.layers:
