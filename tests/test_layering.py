@@ -16,17 +16,18 @@ ALLOWED = {
     "cluster": set(),
     "graph": set(),
     "hlo": set(),
+    "supersequence": set(),
     "strategies": {"graph", "cluster"},
-    "cost": {"graph", "cluster", "strategies", "hlo"},
+    "cost": {"graph", "cluster", "strategies", "hlo", "supersequence"},
     "profile": {"graph", "cluster", "strategies", "cost", "hlo"},
     "solver": set(),
     "plans": {"cluster"},
     "search": {"graph", "cluster", "strategies", "cost", "solver", "plans"},
     "baselines": {"graph", "cluster", "strategies", "cost", "solver", "plans", "search"},
-    "apply": {"plans", "cluster", "hlo"},
+    "apply": {"plans", "cluster", "hlo", "supersequence"},
     "auto": {"graph", "cluster", "strategies", "cost", "solver", "plans", "search", "apply"},
 }
-JAX_FREE = {"solver", "cluster"}
+JAX_FREE = {"solver", "cluster", "supersequence"}
 
 
 def _module_files():

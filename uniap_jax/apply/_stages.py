@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from uniap_jax import supersequence
 from uniap_jax.apply import _program
 
 DISPATCHES = ("uniform", "switch")
@@ -94,42 +95,6 @@ def _switch_stage_fn(layout, model, forward, rebuild, constrain, stage):
 # --- uniform: one sequence of positions for all stages ------------------------------------
 
 
-def align(kinds_per_stage: Sequence[Sequence[int]]) -> list[dict[int, int]]:
-  """Positions (stage -> index into that stage's sequence) of a common supersequence.
-
-  Folds the stages in order, each time merging by a shortest common supersequence of
-  the kinds; every stage's sequence appears in order.
-  """
-  merged: list[tuple[int, dict[int, int]]] = [
-      (k, {0: i}) for i, k in enumerate(kinds_per_stage[0])]
-  for s in range(1, len(kinds_per_stage)):
-    a = [k for k, _ in merged]
-    b = list(kinds_per_stage[s])
-    n, m = len(a), len(b)
-    dp = np.zeros((n + 1, m + 1), dtype=np.int64)
-    for i in range(n, -1, -1):
-      for j in range(m, -1, -1):
-        if i == n or j == m:
-          dp[i, j] = (n - i) + (m - j)
-        elif a[i] == b[j]:
-          dp[i, j] = 1 + dp[i + 1, j + 1]
-        else:
-          dp[i, j] = 1 + min(dp[i + 1, j], dp[i, j + 1])
-    out, i, j = [], 0, 0
-    while i < n or j < m:
-      if i < n and j < m and a[i] == b[j]:
-        out.append((a[i], {**merged[i][1], s: j}))
-        i, j = i + 1, j + 1
-      elif j == m or (i < n and dp[i + 1, j] <= dp[i, j + 1]):
-        out.append(merged[i])
-        i += 1
-      else:
-        out.append((b[j], {s: j}))
-        j += 1
-    merged = out
-  return [where for _, where in merged]
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Position:
   kind: int
@@ -147,7 +112,8 @@ class UniformStage:
     program, num_stages = layout.program, layout.num_stages
     per_stage = [[c.index for c in program.calls if layout.stage_of_call[c.index] == s]
                  for s in range(num_stages)]
-    placed = align([[layout.kind_of_call[c] for c in calls] for calls in per_stage])
+    placed = supersequence.align([[layout.kind_of_call[c] for c in calls]
+                                  for calls in per_stage])
     self.positions = []
     self.position_of_call: dict[int, int] = {}
     for p, where in enumerate(placed):

@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from uniap_jax import strategies
+from uniap_jax import supersequence
 from uniap_jax.cost import _formulas
 from uniap_jax.cost import _tables
 
@@ -98,40 +99,6 @@ def runtime_runs(executor: str, num_stages: int, num_microbatches: int) -> tuple
     ticks = m + 2 * s - 2 if executor == "fused" else 2 * fill
     forward, backward, permutes = fill + 2 * ticks, ticks, fill + 2 * ticks
   return forward, backward, permutes if s > 1 else 0
-
-
-def _align(sequences: Sequence[Sequence[object]]) -> list[dict[int, int]]:
-  """A common supersequence of the stages' sequences (stage -> index per position).
-
-  The same fold as `uniap_jax.apply`'s uniform dispatch: stages merged in order, each
-  by a shortest common supersequence.
-  """
-  merged: list[tuple[object, dict[int, int]]] = [(k, {0: i}) for i, k in enumerate(sequences[0])]
-  for s in range(1, len(sequences)):
-    a, b = [k for k, _ in merged], list(sequences[s])
-    n, m = len(a), len(b)
-    dp = [[0] * (m + 1) for _ in range(n + 1)]
-    for i in range(n, -1, -1):
-      for j in range(m, -1, -1):
-        if i == n or j == m:
-          dp[i][j] = (n - i) + (m - j)
-        elif a[i] == b[j]:
-          dp[i][j] = 1 + dp[i + 1][j + 1]
-        else:
-          dp[i][j] = 1 + min(dp[i + 1][j], dp[i][j + 1])
-    out, i, j = [], 0, 0
-    while i < n or j < m:
-      if i < n and j < m and a[i] == b[j]:
-        out.append((a[i], {**merged[i][1], s: j}))
-        i, j = i + 1, j + 1
-      elif j == m or (i < n and dp[i + 1][j] <= dp[i][j + 1]):
-        out.append(merged[i])
-        i += 1
-      else:
-        out.append((b[j], {s: j}))
-        j += 1
-    merged = out
-  return [where for _, where in merged]
 
 
 def _batch_axes(tables: _tables.CostTables, choice: Mapping[str, int]) -> tuple[str, ...]:
@@ -272,7 +239,7 @@ def _program(tables: _tables.CostTables, choice: Mapping[str, int],
   # share it.
   key = lambda l: (l.signature, tuple(l.candidates[choice[l.name]].param_specs))
   per_stage = [[l for l in tables.layers if stage_of[l.name] == s] for s in range(num_stages)]
-  aligned = _align([[key(l) for l in layers] for layers in per_stage])
+  aligned = supersequence.align([[key(l) for l in layers] for layers in per_stage])
   positions = [per_stage[s][i] for s, i in (next(iter(w.items())) for w in aligned)]
   capacity: dict[tuple, int] = {}
   for layers in per_stage:
