@@ -20,6 +20,7 @@ from uniap_jax.search._configs import Config
 from uniap_jax.search._configs import Progress
 from uniap_jax.search._configs import _GIB
 from uniap_jax.search._configs import configurations
+from uniap_jax.search._bounds import _Check
 from uniap_jax.search._bounds import _check_layers
 from uniap_jax.search._bounds import _flops_bound
 from uniap_jax.search._bounds import to_problem
@@ -203,6 +204,13 @@ class _Search:
         self.graph, self.cluster, mesh=config.mesh,
         microbatch=self.global_batch // num_microbatches, cache=self.cache)
 
+  def _check(self, config: Config, *, exact: bool) -> _Check:
+    """The exact test (layers costed at the configuration's micro-batch) or the relaxed
+    one (costed once per mesh at its reference micro-batch count, scaled down)."""
+    n = config.num_microbatches if exact else self._reference[config.mesh]
+    return _check_layers(self._layers(config, n), config, limit=self.limit,
+                         scale=n / config.num_microbatches, exact=exact)
+
   def _flops_bound(self, config: Config, flops: Sequence[tuple[float, float]]) -> float:
     return _flops_bound(config, flops, self.global_batch)
 
@@ -228,29 +236,26 @@ class _Search:
       # order stays a function of the inputs, and every bound stays valid.
       dive = self.best is None
       try:
-        if level == 0 and self._reference[config.mesh] != config.num_microbatches:
-          reference = self._reference[config.mesh]
-          check = _check_layers(self._layers(config, reference), config, limit=self.limit,
-                                scale=reference / config.num_microbatches, exact=False)
-          if not check.feasible:
-            self._relaxed_out.append(i)
-            self._report(config, "infeasible", math.inf)
+        queued = False
+        while level < 2 and not queued:
+          if level == 0 and self._reference[config.mesh] == config.num_microbatches:
+            level = 1  # costed at its own micro-batch already: the exact test is next
             continue
-          key, level = max(key, check.bound), 1
+          exact = level == 1
+          check = self._check(config, exact=exact)
+          if not check.feasible:
+            if exact:
+              self._needed.append(check.needed_bytes)
+            else:
+              self._relaxed_out.append(i)
+            self._report(config, "infeasible", math.inf)
+            break
+          key, level = max(key, check.bound), level + 1
           if not dive:
             heapq.heappush(heap, (key, level, i))
-            continue
-        if level <= 1:
-          check = _check_layers(self._layers(config, config.num_microbatches), config,
-                                limit=self.limit, scale=1.0, exact=True)
-          if not check.feasible:
-            self._needed.append(check.needed_bytes)
-            self._report(config, "infeasible", math.inf)
-            continue
-          key, level = max(key, check.bound), 2
-          if not dive:
-            heapq.heappush(heap, (key, level, i))
-            continue
+            queued = True
+        if level < 2 or queued:
+          continue
         tables = cost.build_cost_tables(
             self.graph, self.cluster, mesh=config.mesh, num_stages=config.num_stages,
             num_microbatches=config.num_microbatches, global_batch=self.global_batch,
@@ -302,8 +307,7 @@ class _Search:
     for i in self._relaxed_out:
       config = self.configs[i]
       try:
-        check = _check_layers(self._layers(config, config.num_microbatches), config,
-                              limit=self.limit, scale=1.0, exact=True)
+        check = self._check(config, exact=True)
       except ValueError:
         continue
       needed.append(check.needed_bytes)
