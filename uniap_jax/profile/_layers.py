@@ -132,11 +132,12 @@ def time_runs_s(fn: Callable[..., Any], args: Sequence[Any], repeats: int) -> tu
   return tuple(times)
 
 
-def _one_device(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster) -> cost.CostTables:
+def _one_device(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
+                cache: dict | None = None) -> cost.CostTables:
   """Cost tables of every layer unsharded on one device, without recomputation."""
   mesh = strategies.mesh_shapes(cluster, 1)[0]
   return cost.build_cost_tables(graph, cluster, mesh=mesh, num_stages=cluster.num_devices,
-                                recompute=False)
+                                recompute=False, cache=cache)
 
 
 def compute_s(candidate: strategies.Candidate, cluster: cluster_lib.Cluster) -> float:
@@ -190,10 +191,13 @@ def time_layers(step_fn: Callable[..., Any], *example_args: Any, cluster: cluste
     counts[layer.signature] = counts.get(layer.signature, 0) + 1
   programs = _programs(graph, equations)
   rng = np.random.default_rng(seed)
-  tables = None
+  cache: dict = {}  # cost tables shared by the ranking here and `predict` below
+  tables = jmesh = None
   if mesh is not None and max_candidates:
     tables = cost.build_cost_tables(graph, cluster, mesh=mesh,
-                                    num_stages=cluster.num_devices // mesh.num_devices)
+                                    num_stages=cluster.num_devices // mesh.num_devices,
+                                    cache=cache)
+    jmesh = _jax_mesh(mesh, devices)
   out = []
   one = jax.sharding.SingleDeviceSharding(devices[0])
   for signature, program in programs.items():
@@ -206,19 +210,21 @@ def time_layers(step_fn: Callable[..., Any], *example_args: Any, cluster: cluste
     costs = tables.layer(program.layer.name)
     ranked = sorted(range(len(costs.candidates)),
                     key=lambda k: costs.microbatch_time_s[k] + costs.step_time_s[k])
-    jmesh = _jax_mesh(mesh, devices)
     for k in ranked[:max_candidates]:
       fn, placed = _under_candidate(program, costs, k, values, jmesh, graph)
       out.append(LayerTiming(
           layer=program.layer.name, count=counts[signature], mesh=mesh.as_dict(),
           candidate=costs.candidates[k].name, predicted_s=0.0,
           times_s=time_runs_s(fn, (placed,), repeats)))
-  return predict(graph, out, cluster)
+  return predict(graph, out, cluster, cache=cache)
 
 
 def predict(graph: graph_lib.LayerGraph, timings: Sequence[LayerTiming],
-            cluster: cluster_lib.Cluster) -> tuple[LayerTiming, ...]:
+            cluster: cluster_lib.Cluster, *,
+            cache: dict | None = None) -> tuple[LayerTiming, ...]:
   """`timings` with `predicted_s` as the cost model charges each on `cluster`.
+
+  `cache`: cost tables to reuse (as `cost.build_cost_tables` takes it), same graph.
 
   Raises:
     ValueError: a timing names a layer, mesh or candidate the graph and cluster lack.
@@ -229,14 +235,15 @@ def predict(graph: graph_lib.LayerGraph, timings: Sequence[LayerTiming],
     key = tuple(sorted(t.mesh.items()))
     if key not in tables:
       if not t.mesh:
-        tables[key] = _one_device(graph, cluster)
+        tables[key] = _one_device(graph, cluster, cache)
       else:
         size = math.prod(t.mesh.values())
         meshes = [m for m in strategies.mesh_shapes(cluster, size) if m.as_dict() == t.mesh]
         if not meshes or cluster.num_devices % size:
           raise ValueError(f"Cluster {cluster.name!r} has no stage mesh {t.mesh}.")
         tables[key] = cost.build_cost_tables(graph, cluster, mesh=meshes[0],
-                                             num_stages=cluster.num_devices // size)
+                                             num_stages=cluster.num_devices // size,
+                                             cache=cache)
     costs = tables[key].layer(t.layer)
     if not t.mesh:
       predicted = compute_s(costs.candidates[0], cluster)
