@@ -111,6 +111,16 @@ def _train_step(model, optimizer, batch):
   return value
 
 
+def _sgd_graph(model_fn, x_shape):
+  """A module traced shape-only under `_train_step` with SGD, on x and y of one shape."""
+  model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, optax.sgd(1e-3), wrt=nnx.Param),
+                             model)
+  data = {"x": jax.ShapeDtypeStruct(x_shape, jnp.float32),
+          "y": jax.ShapeDtypeStruct(x_shape, jnp.float32)}
+  return graph_lib.trace(_train_step, model, optimizer, data)
+
+
 def _mlp_graph(batch=16, hidden=32, ffn=64):
   model = nnx.eval_shape(lambda: MLP(hidden, ffn, nnx.Rngs(0)))
   optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, optax.adamw(1e-3), wrt=nnx.Param),
@@ -241,12 +251,7 @@ class GeluMLP(nnx.Module):
 
 def test_cheap_chains_are_recomputed_not_kept():
   """GELU keeps its input and tanh; 0.5 * (1 + tanh(.)) and x**3 are recomputed."""
-  model = nnx.eval_shape(lambda: GeluMLP(nnx.Rngs(0)))
-  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, optax.sgd(1e-3), wrt=nnx.Param),
-                             model)
-  data = {"x": jax.ShapeDtypeStruct((16, 32), jnp.float32),
-          "y": jax.ShapeDtypeStruct((16, 32), jnp.float32)}
-  graph = graph_lib.trace(_train_step, model, optimizer, data)
+  graph = _sgd_graph(GeluMLP, (16, 32))
   ir = strategies.build_ir(graph.layer("l1"), strategies.analyze(graph))
   producer = {v: o.op.primitive for o in ir.ops for v in o.op.out_ids}
   residuals = sorted(producer.get(v, "input") for v in ir.residual_ids)
@@ -308,12 +313,7 @@ class CumModel(nnx.Module):
 
 
 def test_unsupported_primitive_is_replicated_with_one_warning():
-  model = nnx.eval_shape(lambda: CumModel(nnx.Rngs(0)))
-  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, optax.sgd(1e-3), wrt=nnx.Param),
-                             model)
-  data = {"x": jax.ShapeDtypeStruct((8, 8), jnp.float32),
-          "y": jax.ShapeDtypeStruct((8, 8), jnp.float32)}
-  graph = graph_lib.trace(_train_step, model, optimizer, data)
+  graph = _sgd_graph(CumModel, (8, 8))
   info = strategies.analyze(graph)
   ir = strategies.build_ir(graph.layer("cum"), info)
   assert set(strategies.unsupported(ir)) == {"cumsum"}
@@ -355,12 +355,7 @@ class MaskedModel(nnx.Module):
 
 def test_a_captured_constant_is_broadcast_like_any_operand():
   """Regression: a broadcast of a captured array constant (id -1, shape in in_types)."""
-  model = nnx.eval_shape(lambda: MaskedModel(nnx.Rngs(0)))
-  optimizer = nnx.eval_shape(lambda m: nnx.Optimizer(m, optax.sgd(1e-3), wrt=nnx.Param),
-                             model)
-  data = {"x": jax.ShapeDtypeStruct((8, 8, 8), jnp.float32),
-          "y": jax.ShapeDtypeStruct((8, 8, 8), jnp.float32)}
-  graph = graph_lib.trace(_train_step, model, optimizer, data)
+  graph = _sgd_graph(MaskedModel, (8, 8, 8))
   info = strategies.analyze(graph)
   ir = strategies.build_ir(graph.layer("masked"), info)
   constant_broadcasts = [o for o in ir.ops if o.family == "broadcast" and o.op.in_ids[0] < 0
