@@ -110,3 +110,23 @@ def test_plans_differing_only_in_planner_wall_clock_are_equal():
   assert _plan(solver=plans.SolverStats(status="optimal", gap=0.0, time_s=0.1,
                                         configurations=8, skipped=3)) != plan
   assert _plan(num_microbatches=8) != plan
+
+
+def test_layer_recompute_round_trips_and_follows_the_strategy_name():
+  layers = (
+      plans.LayerPlan(name="embed", stage=0, strategy="vocab/tp", kind="a"),
+      plans.LayerPlan(name="blocks/0", stage=0, strategy="dp2.tp2 +remat", kind="b"),
+      plans.LayerPlan(name="blocks/1", stage=1, strategy="hand", kind="b", recompute=True),
+  )
+  plan = _plan(layers=layers)
+  assert [l.recompute for l in plan.layers] == [False, True, True]
+  again = plans.Plan.from_json(plan.to_json())
+  assert again == plan
+  assert [l.recompute for l in again.layers] == [False, True, True]
+  # JSON written before the field existed still loads; "+remat" names still recompute.
+  d = json.loads(plan.to_json())
+  for layer in d["layers"]:
+    del layer["recompute"]
+  old = plans.Plan.from_json(json.dumps(d))
+  assert [l.recompute for l in old.layers] == [False, True, False]
+  assert "hand +remat" in plan.summary()

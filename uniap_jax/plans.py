@@ -25,6 +25,9 @@ SCHEDULES = ("gpipe", "1f1b")
 COLLECTIVE_KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "send")
 # "heuristic": a baseline plan that no solver proved (uniap_jax.baselines).
 SOLVER_STATUSES = ("optimal", "time_limit", "heuristic")
+# What a candidate's name ends with when its layer recomputes its activations
+# (`uniap_jax.strategies.Candidate.name`).
+REMAT_SUFFIX = " +remat"
 
 LeafSpec = tuple[int, str, PartitionSpec]  # (argument index, "/"-joined leaf path, spec)
 
@@ -107,6 +110,11 @@ class LayerPlan:
     kind: the layer's signature, so identical layers group in the summary.
     time_s: compute + intra-layer communication per micro-batch, forward + backward.
     memory_bytes: its share of the stage's per-device memory.
+    recompute: the layer keeps only its inputs for the backward pass and runs its
+      forward again there (activation recomputation); `apply` wraps its calls in
+      `jax.checkpoint`. A strategy named "... +remat" implies it (`recomputes`), so
+      plans that only name their candidates, and JSON written before this field,
+      say it too.
   """
 
   name: str
@@ -115,6 +123,15 @@ class LayerPlan:
   kind: str = ""
   time_s: float = 0.0
   memory_bytes: int = 0
+  recompute: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "recompute", recomputes(self.strategy, self.recompute))
+
+
+def recomputes(strategy: str, recompute: bool = False) -> bool:
+  """Whether a layer with this strategy name (and flag) recomputes its activations."""
+  return bool(recompute) or strategy.endswith(REMAT_SUFFIX)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -313,7 +330,10 @@ class Plan:
         first, last = run[0], run[-1]
         label = first.name if len(run) == 1 else f"{first.name} .. {last.name} ({len(run)}x)"
         t = sum(l.time_s for l in run)
-        lines.append(f"    {label:<36} {first.strategy:<42} {_fmt_time(t)}")
+        strategy = first.strategy
+        if first.recompute and not strategy.endswith(REMAT_SUFFIX):
+          strategy += REMAT_SUFFIX
+        lines.append(f"    {label:<36} {strategy:<42} {_fmt_time(t)}")
     coll = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in p.collectives.items() if v)
     lines.append(f"  collectives per device and step: {coll or 'none'}")
     return "\n".join(lines)
@@ -323,7 +343,9 @@ def _runs(layers: Sequence[LayerPlan]) -> list[list[LayerPlan]]:
   """Groups consecutive layers of the same kind and strategy."""
   runs: list[list[LayerPlan]] = []
   for l in layers:
-    if runs and l.kind and runs[-1][-1].kind == l.kind and runs[-1][-1].strategy == l.strategy:
+    prev = runs[-1][-1] if runs else None
+    if prev and l.kind and (prev.kind, prev.strategy, prev.recompute) == (
+        l.kind, l.strategy, l.recompute):
       runs[-1].append(l)
     else:
       runs.append([l])

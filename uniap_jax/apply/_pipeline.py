@@ -1,7 +1,9 @@
 """The SPMD pipeline: per-stage parameter stacks and the executors that run a schedule.
 
 Layout (reference/pipelines.md, section 3). Calls of the recorded forward are grouped
-into kinds (same module structure, method, parameter shapes and intra-stage specs); each
+into kinds (same module structure, method, parameter shapes, intra-stage specs and
+activation recomputation: a call the plan recomputes never shares a kind, hence a
+uniform position or a stack, with a plain one; `cost._predict` groups them alike); each
 kind keeps one stack per parameter leaf, `[S, C, ...]` sharded `P('pp', None, *spec)`,
 where C is the most calls of that kind any stage runs. Stage s finds its calls of the
 kind in row s, slots 0..n-1, so stages may hold different numbers of layers; a
@@ -30,6 +32,10 @@ Executors:
     entries) in the backward rule: one extra forward per micro-batch, for a stash of
     2S-3 (fused) or S (1f1b) stage inputs instead of M.
 
+In every executor, the calls of a recomputing kind run under `jax.checkpoint`
+(`_program.invoke`): each backward run (a backward tick of the autodiff loop, or the
+`jax.vjp` of a table's backward entry) runs their forward once more.
+
 What each executor compiles, collective by collective, is what
 `uniap_jax.cost.collectives_by_stage(..., executor=...)` counts (tests/test_apply.py).
 """
@@ -57,8 +63,10 @@ PP = _mesh.PIPELINE_AXIS
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Kind:
-  """Calls that share one set of stacks: module structure, method, leaf shapes, specs and
-  argument signature (so that the uniform dispatch can run them at one position)."""
+  """Calls that share one set of stacks: module structure, method, leaf shapes, specs,
+  argument signature (so that the uniform dispatch can run them at one position) and
+  whether they recompute their activations (`remat`: the plan's per-layer choice, so a
+  recomputing call never shares a position with a plain one)."""
 
   graphdef: Any
   method: str
@@ -67,6 +75,7 @@ class Kind:
   leaf_avals: tuple[jax.ShapeDtypeStruct, ...]
   leaf_specs: tuple[P, ...]
   capacity: int
+  remat: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,14 +103,18 @@ class Layout:
 
 def build_layout(program: _program.Program, stage_of_call: Sequence[int], num_stages: int,
                  call_leaves: Sequence[tuple[Any, Any, list[Any], list[str]]],
-                 spec_of: Callable[[str], P]) -> Layout:
+                 spec_of: Callable[[str], P],
+                 remat_of_call: Sequence[bool] | None = None) -> Layout:
   """Groups calls into kinds and assigns slots; sizes the boundary buffers.
 
   Args:
     call_leaves: per call: (graphdef, state treedef, leaves incl. referenced params, their
       paths from the root).
     spec_of: root path -> intra-stage spec of that parameter.
+    remat_of_call: per call, whether it recomputes its activations (default: none).
   """
+  if remat_of_call is None:
+    remat_of_call = [False] * len(program.calls)
   kinds: list[dict] = []
   index: dict[Any, int] = {}
   kind_of_call, slot_of_call = [], []
@@ -114,13 +127,14 @@ def build_layout(program: _program.Program, stage_of_call: Sequence[int], num_st
             "layers may only hold floating-point parameters and buffers.")
     specs = tuple(spec_of(p) for p in paths)
     avals = tuple(jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in leaves)
+    remat = bool(remat_of_call[call.index])
     key = (graphdef, call.method, treedef, len(leaves) - len(call.param_refs),
-           tuple((a.shape, str(a.dtype)) for a in avals), specs, call.signature())
+           tuple((a.shape, str(a.dtype)) for a in avals), specs, call.signature(), remat)
     if key not in index:
       index[key] = len(kinds)
       kinds.append(dict(graphdef=graphdef, method=call.method, state_treedef=treedef,
                         num_state_leaves=len(leaves) - len(call.param_refs), leaf_avals=avals,
-                        leaf_specs=specs))
+                        leaf_specs=specs, remat=remat))
     k = index[key]
     s = stage_of_call[call.index]
     slot = used.get((s, k), 0)

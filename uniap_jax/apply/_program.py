@@ -127,6 +127,29 @@ def _is_stand(x) -> bool:
   return isinstance(x, _Stand)
 
 
+def invoke(module: nnx.Module, method: str, args: Sequence[Any], kwargs: dict[str, Any], *,
+           remat: bool = False) -> Any:
+  """Calls `module.method(*args, **kwargs)`; with `remat`, as activation recomputation.
+
+  With `remat` the call runs inside `nnx.remat` (`jax.checkpoint`) with the default
+  policy: the backward pass keeps only the call's inputs (parameters and array
+  arguments) and runs the call's forward again (the part of it the backward reads,
+  collectives included) before differentiating it. Non-array arguments stay static.
+  """
+  if not remat:
+    return getattr(module, method)(*args, **kwargs)
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  dynamic = [i for i, x in enumerate(leaves) if _is_array(x)]
+
+  def run(mod, values):
+    full = list(leaves)
+    for i, x in zip(dynamic, values):
+      full[i] = x
+    a, kw = jax.tree.unflatten(treedef, full)
+    return getattr(mod, method)(*a, **kw)
+  return nnx.remat(run)(module, [leaves[i] for i in dynamic])
+
+
 # --- proxies -----------------------------------------------------------------------------
 
 
@@ -418,9 +441,9 @@ class _StageRunner:
 
   def __init__(self, program: Program, runs: Callable[[int], bool],
                module_for: Callable[[int], Any], env: dict[ValueRef, Any],
-               after_call: Callable[[Call, Any], Any]):
+               after_call: Callable[[Call, Any], Any], remat: Callable[[int], bool]):
     self.program, self.runs, self.module_for = program, runs, module_for
-    self.env, self.after_call = env, after_call
+    self.env, self.after_call, self.remat = env, after_call, remat
     self.count = 0
 
   def param(self, path, var):
@@ -454,7 +477,7 @@ class _StageRunner:
       else:
         real_leaves.append(leaf)
     a, kw = jax.tree.unflatten(treedef, real_leaves)
-    out = getattr(module, method)(*a, **kw)
+    out = invoke(module, method, a, kw, remat=self.remat(index))
     out = self.after_call(call, out)
     for ref, value in zip(call.outputs(), jax.tree.leaves(out)):
       self.env[ref] = value
@@ -464,14 +487,16 @@ class _StageRunner:
 def run_stage(program: Program, root: nnx.Module, forward: Callable[..., Any],
               args: Sequence[Any], kwargs: dict[str, Any], *, runs: Callable[[int], bool],
               module_for: Callable[[int], Any], env: dict[ValueRef, Any],
-              after_call: Callable[[Call, Any], Any] = lambda call, out: out) -> list[Any]:
+              after_call: Callable[[Call, Any], Any] = lambda call, out: out,
+              remat: Callable[[int], bool] = lambda index: False) -> list[Any]:
   """Re-runs the forward, executing the calls for which `runs(index)` holds.
 
   `env` maps values computed elsewhere (received from the previous stage) to arrays and
-  receives every value computed here. Returns the returned leaves, with placeholders for
+  receives every value computed here; calls for which `remat(index)` holds recompute
+  their activations (`invoke`). Returns the returned leaves, with placeholders for
   values not available here.
   """
-  runner = _StageRunner(program, runs, module_for, env, after_call)
+  runner = _StageRunner(program, runs, module_for, env, after_call, remat)
   ret = forward(RootProxy(root, runner), *args, **kwargs)
   if runner.count != len(program.calls):
     raise NotImplementedError(
@@ -482,14 +507,21 @@ def run_stage(program: Program, root: nnx.Module, forward: Callable[..., Any],
 
 
 def transparent_forward(root: nnx.Module, forward: Callable[..., Any], args: Sequence[Any],
-                        kwargs: dict[str, Any], after_call: Callable[[str, Any], Any]) -> Any:
-  """Runs the forward for real, passing each submodule call's output through `after_call`."""
-  return forward(RootProxy(root, _Transparent(after_call)), *args, **kwargs)
+                        kwargs: dict[str, Any], after_call: Callable[[str, Any], Any],
+                        remat: Callable[[str], bool] = lambda name: False) -> Any:
+  """Runs the forward for real, passing each submodule call's output through `after_call`.
+
+  A call recomputes its activations (`invoke`) when `remat(layer)` holds for its layer
+  name: the module path for its first call, "path@k" for the k-th call after it (the
+  tracer's names for a module called again).
+  """
+  return forward(RootProxy(root, _Transparent(after_call, remat)), *args, **kwargs)
 
 
 class _Transparent:
-  def __init__(self, after_call):
-    self.after_call = after_call
+  def __init__(self, after_call, remat):
+    self.after_call, self.remat = after_call, remat
+    self.seen: dict[str, int] = {}
 
   def param(self, path, var):
     return var.get_value()
@@ -498,7 +530,10 @@ class _Transparent:
     return var[key]
 
   def call(self, path, real, method, args, kwargs):
-    return self.after_call(path, getattr(real, method)(*args, **kwargs))
+    k = self.seen.get(path, 0)
+    self.seen[path] = k + 1
+    remat = self.remat(path if k == 0 else f"{path}@{k}")
+    return self.after_call(path, invoke(real, method, args, kwargs, remat=remat))
 
 
 class _Collector:

@@ -15,6 +15,9 @@ Two ways to make stages that hold different layers run as one SPMD program:
   and hangs (reference/pipelines.md, section 6). Use it when the stages need no
   intra-stage resharding, e.g. pure data parallelism inside stages.
 
+Calls of a kind that recomputes its activations run under `jax.checkpoint` in both
+dispatches (`_program.invoke`).
+
 A masked position feeds its layer inputs through `where(active, x, stop_gradient(x))`,
 so NaN or inf computed on bubble data never reaches a gradient (0 x inf stays out of the
 chain rule).
@@ -81,7 +84,8 @@ def _switch_stage_fn(layout, model, forward, rebuild, constrain, stage):
     ret = _program.run_stage(program, model, forward, a, kw,
                              runs=lambda c: layout.stage_of_call[c] == stage,
                              module_for=module_for, env=env,
-                             after_call=lambda call, out: constrain(call.name, out))
+                             after_call=lambda call, out: constrain(call.name, out),
+                             remat=lambda c: layout.kinds[layout.kind_of_call[c]].remat)
     final = list(ret) if stage == last else [jnp.zeros(v.shape, v.dtype)
                                              for v in layout.final_avals]
     send = [jnp.zeros(v.shape, v.dtype) for v in layout.slot_avals]
@@ -180,7 +184,8 @@ class UniformStage:
               program.calls[c].arg_leaves[i][1], s)) for s, c in enumerate(pos.calls)]
           arg_leaves.append(gate(pick(cands, entry[2])))
       args, kwargs = jax.tree.unflatten(template.arg_treedef, arg_leaves)
-      out = getattr(module, layout.kinds[pos.kind].method)(*args, **kwargs)
+      kind = layout.kinds[pos.kind]
+      out = _program.invoke(module, kind.method, args, kwargs, remat=kind.remat)
       names = {program.calls[c].name for c in pos.calls if c is not None}
       if len(names) == 1:
         out = self.constrain(names.pop(), out)

@@ -10,7 +10,11 @@ plan says.
 While the core is traced, the root model's `__call__` is replaced (for that trace only)
 by the plan's forward: with one stage and one micro-batch, the model's own forward with
 layer-boundary activations constrained; otherwise the pipeline of `_pipeline.py`. The
-user's loss, `nnx.value_and_grad` and optimizer run unchanged around it.
+user's loss, `nnx.value_and_grad` and optimizer run unchanged around it. Either way,
+the calls of the layers the plan recomputes (`LayerPlan.recompute`, the candidates
+named "... +remat") run under `jax.checkpoint` (`_program.invoke`), so that their
+backward pass keeps only their inputs and runs their forward again, as the cost model
+charges it.
 """
 
 from __future__ import annotations
@@ -117,6 +121,8 @@ class AppliedStep:
     self.plan, self.step, self.mesh = plan, step, mesh
     self.executor, self.dispatch = executor, dispatch
     self.donate, self.bubble_value = donate, bubble_value
+    # Layers whose activations the plan recomputes (their calls run under jax.checkpoint).
+    self.recomputed = frozenset(l.name for l in plan.layers if l.recompute)
     self._cache: dict[Any, _Prepared] = {}
     self.__wrapped__ = step
 
@@ -150,6 +156,12 @@ class AppliedStep:
     """The lowered program for these arguments."""
     prepared, state, plain, batch = self._place(args)
     return prepared.jitted.lower(state, plain, batch)
+
+  def trace(self, *args) -> jax.stages.Traced:
+    """The traced program for these arguments; `.jaxpr` shows, for instance, each call of
+    a recomputed layer as a `checkpoint` equation."""
+    prepared, state, plain, batch = self._place(args)
+    return prepared.jitted.trace(state, plain, batch)
 
   def compile(self, *args) -> jax.stages.Compiled:
     """The compiled program these arguments run (cached); `.as_text()` shows its HLO."""
@@ -259,6 +271,13 @@ class AppliedStep:
     plain_shardings = tuple(tree_shardings(i) for i in plain_args)
     batch_shardings = tuple(tree_shardings(i) for i in batch_args)
     root_arg = next((i for i in nnx_args if isinstance(args[i], nnx.Module)), None)
+    if root_arg is None and self.recomputed:
+      raise NotImplementedError(
+          f"The plan recomputes the activations of layers {sorted(self.recomputed)[:4]} "
+          "(strategies ending in '+remat'), which apply does by checkpointing those "
+          "submodule calls of an NNX model; this step has no NNX model among its "
+          "arguments. Pass the model as an NNX module, or plan with more memory per device "
+          "(more devices or memory_limit_bytes=) so that no layer needs recomputation.")
     if root_arg is None and self._pipelined():
       raise NotImplementedError(
           "Pipelining (pp > 1 or num_microbatches > 1) needs an NNX model among the step's "
@@ -309,7 +328,8 @@ class AppliedStep:
   @contextlib.contextmanager
   def _forward_patch(self, root_cls, root_arg, flags):
     """Replaces `root_cls.__call__` while the step is traced; always restored."""
-    if root_cls is None or not (self._pipelined() or self.plan.activation_specs):
+    if root_cls is None or not (self._pipelined() or self.plan.activation_specs
+                                or self.recomputed):
       yield
       return
     own = "__call__" in root_cls.__dict__
@@ -359,7 +379,8 @@ class AppliedStep:
   def _plan_forward(self, model, forward, root_arg, args, kwargs):
     if not self._pipelined():
       return _program.transparent_forward(model, forward, args, kwargs,
-                                          lambda name, out: self._constrain(name, out))
+                                          lambda name, out: self._constrain(name, out),
+                                          remat=lambda name: name in self.recomputed)
     return _run_pipelined(self, model, forward, root_arg, args, kwargs)
 
 
@@ -441,6 +462,22 @@ def assign_stages(calls: Sequence[_program.Call], stages: Sequence[Sequence[str]
   return out
 
 
+def recomputed_calls(calls: Sequence[_program.Call], recomputed: Sequence[str] | frozenset,
+                     ) -> list[bool]:
+  """Per call, whether the plan recomputes its layer's activations.
+
+  The k-th call of a module path is the graph's layer of that path (k = 0) or
+  "path@k" (the tracer's name for a module called again).
+  """
+  seen: dict[str, int] = {}
+  out = []
+  for call in calls:
+    k = seen.get(call.name, 0)
+    seen[call.name] = k + 1
+    out.append((call.name if k == 0 else f"{call.name}@{k}") in recomputed)
+  return out
+
+
 def _run_pipelined(applied: AppliedStep, model, forward, root_arg, args, kwargs):
   plan, mesh = applied.plan, applied.mesh
   num_stages, m_count = applied.num_stages, plan.num_microbatches
@@ -500,7 +537,8 @@ def _run_pipelined(applied: AppliedStep, model, forward, root_arg, args, kwargs)
 
   def spec_of(path):
     return spec_table.get((root_arg, path), P())
-  layout = _pipeline.build_layout(program, stage_of_call, num_stages, call_leaves, spec_of)
+  layout = _pipeline.build_layout(program, stage_of_call, num_stages, call_leaves, spec_of,
+                                  recomputed_calls(program.calls, applied.recomputed))
   for aval in layout.final_avals:
     if not aval.shape or aval.shape[0] != local:
       raise NotImplementedError(

@@ -19,6 +19,11 @@ Two counts:
         tables charge for GPipe); "fused" and "1f1b" run a forward pass and then their
         whole table, a forward and a backward run per tick, in the backward rule
         (`runtime_runs`);
+      * a layer whose candidate recomputes its activations (" +remat") runs under
+        `jax.checkpoint` in every executor: each backward run first runs that layer's
+        forward once more, so its "recompute"-phase collectives (the forward's, as
+        the candidate declares them) execute once per backward run; positions of
+        recomputing and plain layers are separate kinds, with separate stacks;
       * activations and cotangents move by one collective-permute per buffer slot and
         tick and direction, whether or not the tick carries data;
       * the shard_map is manual over "pp" and the batch axes no parameter is sharded
@@ -34,7 +39,12 @@ Two counts:
     Not counted here (the tables do not know it): the psum over "pp" of the model's
     returned arrays, once per step (M micro-batches of the last call's outputs), and
     that the loss, which the graph puts into the last layer, is reduced once per step
-    outside the pipeline rather than once per run.
+    outside the pipeline rather than once per run. Counted but not always compiled:
+    a recomputation runs only the part of the layer's forward its backward reads, so
+    a forward collective whose result feeds nothing but the layer's output (the
+    all-reduce closing a row-parallel matmul) is not issued again, although the
+    candidate declares it among its "recompute" collectives (and its forward FLOPs
+    among the recomputed ones).
 """
 
 from __future__ import annotations
@@ -83,7 +93,9 @@ def runtime_runs(executor: str, num_stages: int, num_microbatches: int) -> tuple
   | fused (T = M + 2S - 2) | M + S - 1 + 2T | T | M + S - 1 + 2T |
   | 1f1b (T = 2 (M + S - 1)) | M + S - 1 + 2T | T | M + S - 1 + 2T |
 
-  With one stage and one micro-batch nothing is pipelined: (1, 1, 0).
+  With one stage and one micro-batch nothing is pipelined: (1, 1, 0). Layers that
+  recompute their activations run their own forward once more inside every backward
+  run, on top of these forward runs (`runtime_step_time_s`, `collectives_by_stage`).
   """
   if executor not in EXECUTORS:
     raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}.")
@@ -211,9 +223,9 @@ def _comm_runs(comm: strategies.Comm, manual: set[str], forward_runs: int,
     return 1 if (set(comm.axes) <= manual or comm.phase == "optimizer") else backward_runs
   if comm.phase == "forward":
     return forward_runs
-  if comm.phase == "backward":
-    return backward_runs
-  return 0  # "recompute": the executors recompute whole stages (forward runs)
+  if comm.phase in ("backward", "recompute"):
+    return backward_runs  # "recompute": the checkpointed layer's forward, again
+  return 0
 
 
 class _Program:
@@ -234,10 +246,12 @@ class _Program:
 def _program(tables: _tables.CostTables, choice: Mapping[str, int],
              stage_of: Mapping[str, int]) -> _Program:
   num_stages, sizes = tables.num_stages, tables.mesh.sizes
-  # One stack (and one kind of layer position) per computation and parameter layout,
-  # as the runtime groups calls: candidates that differ only in activation layouts
-  # share it.
-  key = lambda l: (l.signature, tuple(l.candidates[choice[l.name]].param_specs))
+  # One stack (and one kind of layer position) per computation, parameter layout and
+  # recomputation flag, as the runtime groups calls: candidates that differ only in
+  # activation layouts share it.
+  def key(l):
+    cand = l.candidates[choice[l.name]]
+    return (l.signature, tuple(cand.param_specs), cand.recompute)
   per_stage = [[l for l in tables.layers if stage_of[l.name] == s] for s in range(num_stages)]
   aligned = supersequence.align([[key(l) for l in layers] for layers in per_stage])
   positions = [per_stage[s][i] for s, i in (next(iter(w.items())) for w in aligned)]
@@ -284,9 +298,12 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
   Every tick of the uniform runtime runs every layer position on every device, so a
   forward run costs the sum over positions of their forward compute and collectives
   (F), a backward run the sum of their backward compute and the collectives XLA issues
-  per run (B; the recomputation before it is among the forward runs of
-  `runtime_runs`), and each tick moves its buffers (one send per slot and direction);
-  the collectives are those `collectives_by_stage(..., executor=)` counts.
+  per run (B; the recomputation of the stage before it is among the forward runs of
+  `runtime_runs`), plus, for every position whose candidate recomputes its
+  activations, that layer's forward compute and "recompute" collectives once more
+  (the `jax.checkpoint` apply wraps it in), and each tick moves its buffers (one send
+  per slot and direction); the collectives are those
+  `collectives_by_stage(..., executor=)` counts.
   Once per step: gradient synchronisation over manual axes, the optimizer
   (each device updates its 1/pp share of every leaf) and the all-to-alls between the
   stored state and the stacks. With one stage and one micro-batch this is the sum of
@@ -312,6 +329,8 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
     phase = np.array(cand.op_phase)
     forward += float(per_op[phase == "forward"].sum())
     backward += float(per_op[phase == "backward"].sum())
+    if cand.recompute:  # its forward again, inside every backward run
+      backward += float(per_op[phase == "forward"].sum())
     for comm in cand.comms:
       if set(comm.axes) & manual or not _comm_runs(comm, manual, 1, 1):
         continue  # over manual axes: the psum of the stacked gradients below
@@ -320,7 +339,7 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
         once += t
       elif comm.phase == "forward" and not comm.per_step:
         forward += t
-      else:
+      else:  # backward, per-step gradient synchronisation, and recomputation
         backward += t
   for ls, ld, nbytes in program.reshards:
     for a, b, phase in ((ls, ld, "forward"), (ld, ls, "backward")):
