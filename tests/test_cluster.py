@@ -481,6 +481,18 @@ def test_from_devices_on_the_test_cpus():
   assert c.device_kind == "cpu" and c.num_devices == 8 and c.num_nodes == 1
   assert _same_figures(c, Cluster.preset("cpu-8"))
   assert "guessed" in c.notes
+  assert c.platform == jax.devices()[0].platform == "cpu"
+
+
+@pytest.mark.parametrize("name,platform", [
+    ("cpu-8", "cpu"), ("a100-40g-2x8", "gpu"), ("h100-80g-1x8", "gpu"),
+    ("titanxp-12g-1x8", "gpu"), ("tpu-v4-32", "tpu"), ("tpu-v5e-256", "tpu")])
+def test_platform_names_the_xla_backend(name, platform):
+  """The backend decides what XLA's fusions keep in memory (the cost model asks)."""
+  c = Cluster.preset(name)
+  assert c.platform == platform
+  assert dataclasses.replace(c, device_kind=" CPU ").platform == "cpu"
+  assert dataclasses.replace(c, device_kind="My Accelerator").platform == "gpu"
 
 
 def test_from_devices_gpu_matches_preset_and_warns():

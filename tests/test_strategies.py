@@ -17,6 +17,7 @@ from uniap_jax import strategies
 from uniap_jax.cluster import Cluster
 from uniap_jax.strategies import _candidates
 from uniap_jax.strategies import _ir
+from uniap_jax.strategies import _liveness
 
 A100_2X8 = Cluster.preset("a100-40g-2x8")
 CPU8 = Cluster.preset("cpu-8")
@@ -258,6 +259,46 @@ def test_cheap_chains_are_recomputed_not_kept():
   kept = sorted(producer.get(v, "input") for v in ir.kept_ids)
   assert len(residuals) > len(kept)  # the elementwise chain is among the residuals
   assert kept == ["add", "input", "tanh"]  # x, x @ W + b, tanh(.)
+
+
+class ResidualNorm(nnx.Module):
+  """A layer norm of x + lin(x): the norm's input is made inside the layer."""
+
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(32, 32, rngs=rngs)
+    self.ln = nnx.LayerNorm(32, rngs=rngs)
+
+  def __call__(self, x):
+    return self.ln(x + self.lin(x))
+
+
+class ResidualNormModel(nnx.Module):
+
+  def __init__(self, rngs):
+    self.pre, self.block = nnx.Linear(32, 32, rngs=rngs), ResidualNorm(rngs)
+
+  def __call__(self, x):
+    return self.block(self.pre(x))
+
+
+def test_residuals_made_from_one_value_are_recomputed_from_it():
+  """The norm's `x1 - mean` and its variance's `2 * x1` are [b, h] residuals made by
+  cheap ops from x1 = x + lin(x); the backward fusions recompute them from lin(x) and
+  the [b] mean, which are kept instead, until the last reader of those residuals."""
+  graph = _sgd_graph(ResidualNormModel, (16, 32))
+  ir = strategies.build_ir(graph.layer("block"), strategies.analyze(graph))
+  producer = {v: o.op.primitive for o in ir.ops for v in o.op.out_ids}
+  full = lambda ids: sorted(producer.get(v, "input") for v in ids
+                            if ir.values[v].shape == (16, 32))
+  assert full(ir.residual_ids).count("mul") >= 2 and "sub" in full(ir.residual_ids)
+  assert full(ir.kept_ids) == ["dot_general", "input"]  # lin(x), and x for lin's weight
+  (dot,) = [v for v in ir.kept_ids if producer.get(v) == "dot_general"]
+  assert {producer[r] for r in ir.kept_for[dot]} >= {"sub", "mul"}
+  live = _liveness.intervals(ir)
+  end = live.end[live.ids.index(dot)] - 1
+  last_reader = max(k for k, o in enumerate(ir.ops) for r in ir.kept_for[dot]
+                    if r in o.op.in_ids)
+  assert end == last_reader and ir.ops[end].op.phase == "backward"
 
 
 def test_a_mesh_axis_that_does_not_divide_removes_the_candidate():

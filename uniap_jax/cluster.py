@@ -286,6 +286,19 @@ class Cluster:
     """All devices: the product of the level sizes."""
     return math.prod(l.size for l in self.levels)
 
+  @property
+  def platform(self) -> str:
+    """The XLA backend that compiles for these devices: "cpu", "tpu" or "gpu".
+
+    Read from `device_kind` as JAX reports it ("cpu"; "TPU v4", ...); any other
+    kind is a GPU. The cost model needs it where backends keep different buffers
+    (XLA:CPU materialises broadcasts that GPU and TPU fuse, `strategies`).
+    """
+    kind = self.device_kind.strip().lower()
+    if kind == "cpu":
+      return "cpu"
+    return "tpu" if kind.startswith("tpu") else "gpu"
+
   def peak_flops(self, dtype: Any) -> float:
     """Peak FLOP/s of one device for `dtype`, falling back if it is not listed.
 

@@ -517,7 +517,8 @@ def _configuration_view(layers: tuple[LayerCosts, ...], edges: tuple[EdgeCosts, 
 
 def _cost_layer(ir: strategies.LayerIR, mesh: strategies.MeshShape,
                 cluster: cluster_lib.Cluster, recompute: bool | None, prune: bool):
-  cands = strategies.layer_candidates(ir, mesh, recompute=recompute, warn=False)
+  cands = strategies.layer_candidates(ir, mesh, recompute=recompute, warn=False,
+                                      platform=cluster.platform)
   if not cands:
     return (), (), (), (), (), (), (), 0
   times = [_candidate_times(c, mesh, cluster) for c in cands]
@@ -559,14 +560,19 @@ def _edge_costs(edge: graph_lib.Edge, layers: Mapping[str, LayerCosts],
          src.output_nbytes, id(src.candidates), id(dst.candidates))
   got = cache.get(key)
   if got is None:
-    got = cache[key] = _edge_tables(src, dst, positions, mesh, cluster)
+    # Resharding times depend on the layouts and sizes only: shared by all edges of
+    # one mesh (the residual stream between blocks, into the norm, ...).
+    memo = cache.setdefault(("reshard_s", mesh, id(cluster)), {})
+    got = cache[key] = _edge_tables(src, dst, positions, mesh, cluster, memo)
   return EdgeCosts(src=edge.src, dst=edge.dst, value_ids=edge.value_ids,
                    same_stage_s=got[0], cross_stage_s=got[1])
 
 
 def _edge_tables(src: LayerCosts, dst: LayerCosts, positions: Sequence[tuple[int, int]],
-                 mesh: strategies.MeshShape, cluster: cluster_lib.Cluster
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 mesh: strategies.MeshShape, cluster: cluster_lib.Cluster,
+                 memo: dict[tuple, tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+  """[src candidate][dst candidate] seconds; `memo` maps (source layout, destination
+  layout, bytes) to (same-stage, cross-stage) seconds on this mesh and cluster."""
   ns, nd = len(src.candidates), len(dst.candidates)
   same = np.zeros((ns, nd))
   cross = np.zeros((ns, nd))
@@ -574,12 +580,15 @@ def _edge_tables(src: LayerCosts, dst: LayerCosts, positions: Sequence[tuple[int
   sizes = mesh.sizes
   for i, j in positions:
     nbytes = src.output_nbytes[i]
-    src_lay = [c.output_layouts[i] for c in src.candidates]
-    dst_lay = [c.input_layouts[j] for c in dst.candidates]
-    memo: dict[tuple, tuple[float, float]] = {}
+    # Candidates share few distinct boundary layouts: cost each pair once.
+    src_lay: dict[strategies.Layout, int] = {}
+    dst_lay: dict[strategies.Layout, int] = {}
+    src_idx = [src_lay.setdefault(c.output_layouts[i], len(src_lay)) for c in src.candidates]
+    dst_idx = [dst_lay.setdefault(c.input_layouts[j], len(dst_lay)) for c in dst.candidates]
+    pair = np.zeros((2, len(src_lay), len(dst_lay)))
     for a, ls in enumerate(src_lay):
       for b, ld in enumerate(dst_lay):
-        got = memo.get((ls, ld))
+        got = memo.get((ls, ld, nbytes))
         if got is None:
           there = _reshard_time_s(ls, ld, nbytes, mesh, cluster)
           back = _reshard_time_s(ld, ls, nbytes, mesh, cluster)
@@ -587,7 +596,9 @@ def _edge_tables(src: LayerCosts, dst: LayerCosts, positions: Sequence[tuple[int
                                         cluster) +
                   _formulas.send_time_s(nbytes / strategies.shard_count(ld, sizes), stride,
                                         cluster))
-          got = memo[(ls, ld)] = (there + back, there + back + send)
-        same[a, b] += got[0]
-        cross[a, b] += got[1]
+          got = memo[(ls, ld, nbytes)] = (there + back, there + back + send)
+        pair[0, a, b], pair[1, a, b] = got
+    rows = np.ix_(src_idx, dst_idx)
+    same += pair[0][rows]
+    cross += pair[1][rows]
   return same, cross

@@ -39,6 +39,8 @@ from uniap_jax.strategies import _rules
 from uniap_jax.strategies._layout import Comm, Layout
 
 Assignment = tuple[tuple[int, ...], ...]  # per mesh axis: label ids, highest priority first
+PLATFORMS = ("cpu", "gpu", "tpu")  # XLA backends, as `Cluster.platform` names them
+_MISSING = object()
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
@@ -218,7 +220,7 @@ def assignments(ir: _ir.LayerIR, mesh: _mesh.MeshShape) -> list[Assignment]:
 class _Evaluator:
   """Evaluates assignments of one LayerIR on one mesh, memoising per-op results."""
 
-  def __init__(self, ir: _ir.LayerIR, mesh: _mesh.MeshShape):
+  def __init__(self, ir: _ir.LayerIR, mesh: _mesh.MeshShape, platform: str = "gpu"):
     self.ir = ir
     self.mesh = mesh
     self.sizes = mesh.sizes
@@ -295,7 +297,7 @@ class _Evaluator:
     self._layout_list: list[Layout] = []
     self._comms: dict[tuple, Comm] = {}
     self._groups: list[tuple[_ir.Value, list[int]]] | None = None
-    self.live = _liveness.intervals(ir)
+    self.live = _liveness.intervals(ir, materialise_broadcasts=platform == "cpu")
 
   def _layouts(self, assignment: Assignment) -> dict[int, Layout]:
     """Value id (and literal key) -> layout; values alike in labels and shape share one."""
@@ -354,15 +356,20 @@ class _Evaluator:
       self._layout_list.extend(sorted(ids, key=ids.__getitem__)[len(self._layout_list):])
     get_id = layout_id.__getitem__
     effects, effect_sig = self._effects, self.effect_sig
+    gathered: set[tuple[int, int]] | None = set() if self.live.broadcast_readers else None
     for k, (keys, n_in, phase, in_ids) in enumerate(self.op_keys):
       key = (effect_sig[k], *map(get_id, keys))
-      effect = effects.get(key)
-      if effect is None:
+      effect = effects.get(key, _MISSING)
+      if effect is _MISSING:
         lays = self._layout_list
         effect = effects[key] = self._effect(k, tuple(lays[i] for i in key[1:n_in + 1]),
                                              tuple(lays[i] for i in key[n_in + 1:]))
+      if effect is None:  # XLA's collectives for this op are not predictable
+        return []
       op_frac[k], op_bytes[k], reshards, finishes, transient[k] = effect
       for pos, dst, bcast, copy, rextra, rcomms in reshards:
+        if gathered is not None and rcomms:
+          gathered.add((k, pos))
         # XLA reshards a value once for all its readers (its partitioner caches the
         # reshard), except an operand an elementwise op broadcasts implicitly: the
         # lowering makes a broadcast per reader, and each is resharded on its own.
@@ -386,9 +393,17 @@ class _Evaluator:
     op_frac = np.array(op_frac)
     local = lambda v: nbytes_of[v] / count(layouts[v])
     count_of = self._count
-    peak_bytes = _liveness.peak_bytes(
-        self.live, [count_of(layouts[v]) for v in self.live.ids], reshard_span.values(),
-        transient)
+    live = self.live
+    live_shards = [count_of(layouts[v]) for v in live.ids]
+    # Broadcasts the backend keeps from the forward to the backward pass (XLA:CPU),
+    # unless a reader gathers the broadcast operand first (then each pass has its own).
+    kept_broadcasts = 0.0
+    for i, readers in enumerate(live.broadcast_readers, live.num_values):
+      if gathered and any(r in gathered for r in readers):
+        live_shards[i] = math.inf
+      else:
+        kept_broadcasts += live.nbytes[i] / live_shards[i]
+    peak_bytes = _liveness.peak_bytes(live, live_shards, reshard_span.values(), transient)
     param_bytes = sum(local(v) for v in ir.param_ids)
     optimizer_bytes = sum(local(v) for v in ir.opt_state_ids)
     grad_bytes = sum(local(v) for v in ir.grad_ids) if ir.grad_ids else param_bytes
@@ -427,6 +442,7 @@ class _Evaluator:
         temp = max(0.0, peak_bytes - max(activation, grad_bytes))
       else:
         activation = sum(local(v) for v in ir.kept_ids if v not in ir.constant_ids)
+        activation += kept_broadcasts
         # Parameters gathered in the forward pass and read again by the backward pass
         # stay alive in between (XLA reuses the gathered copy).
         activation += sum(span[2] for key, span in reshard_span.items()
@@ -455,7 +471,8 @@ class _Evaluator:
     Returns (FLOP fraction, local bytes, reshards, finishing collectives, transient
     bytes): reshards as (operand position, target layout, implicitly broadcast, bytes
     of the copy, bytes on the way, collectives); collectives as ((kind, axes, phase,
-    per_step), bytes). Shared by ops with the same `effect_sig`.
+    per_step), bytes). Shared by ops with the same `effect_sig`. None where the rule
+    says XLA's collectives are not predictable (`_rules.Plan.predictable`).
     """
     ir, sizes, count, nbytes_of = self.ir, self.sizes, self._count, self.nbytes
     o, in_ids, out_ids, implicit, in_shapes, _ = self.op_info[k]
@@ -467,6 +484,8 @@ class _Evaluator:
           op=o, ins=ins, outs=outs, in_shapes=in_shapes,
           out_shapes=tuple(ir.values[v].shape for v in out_ids), sizes=sizes)
       plan = self._plans[plan_key] = _rules.RULES.get(o.family, _rules.rule_other)(ctx)
+    if not plan.predictable:
+      return None
     local_in = 0.0
     reshards = []
     for pos, (v, src, dst, bcast) in enumerate(zip(in_ids, ins, plan.in_targets, implicit)):
@@ -556,7 +575,7 @@ def unsupported(ir: _ir.LayerIR) -> dict[str, str]:
 def layer_candidates(ir: _ir.LayerIR, mesh: _mesh.MeshShape, *,
                      recompute: bool | None = None,
                      assignments_: Sequence[Assignment] | None = None,
-                     warn: bool = True) -> tuple[Candidate, ...]:
+                     warn: bool = True, platform: str = "gpu") -> tuple[Candidate, ...]:
   """Every candidate of one layer on one mesh (before Pareto pruning).
 
   Args:
@@ -566,11 +585,16 @@ def layer_candidates(ir: _ir.LayerIR, mesh: _mesh.MeshShape, *,
       False pins it.
     assignments_: the assignments to cost; default `assignments(ir, mesh)`.
     warn: warn once per primitive that has no rule (it is kept replicated).
+    platform: the backend XLA compiles for, as `Cluster.platform` says ("gpu",
+      "tpu" or "cpu"); decides what its fusions keep in memory (`_liveness`).
   Returns:
     Candidates in a deterministic order; assignments that cannot split a parameter
     or boundary tensor (a mesh axis that does not divide it) are left out.
   """
-  ev = _Evaluator(ir, mesh)
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform={platform!r}; allowed: {', '.join(PLATFORMS)} "
+                     "(Cluster.platform gives it).")
+  ev = _Evaluator(ir, mesh, platform)
   for primitive, source in sorted(unsupported(ir).items() if warn else ()):
     warnings.warn(
         f"No sharding rule for {primitive!r} at {source or 'unknown source'} (layer "

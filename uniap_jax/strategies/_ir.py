@@ -126,7 +126,11 @@ class LayerIR:
     kept_ids: what is stored between the passes for them: XLA fuses cheap elementwise
       ops into their readers, so a residual made by such ops from other stored values
       is recomputed in the backward fusion instead of kept (transcendental ops, matmuls,
-      reductions and gathers are kept).
+      reductions and gathers are kept); and several such residuals made from one value
+      are recomputed from it when it is smaller than they are together.
+    kept_for: kept values that no backward op reads, kept because residuals
+      recomputed from them are: value id -> those residuals (whose last reader
+      ends its life).
     grad_ids: gradients handed to the optimizer ops.
     grad_like_ids: values whose partial sums can wait for the per-step gradient sync.
     fused_ids: results of elementwise-like ops read by exactly one op: XLA fuses them
@@ -153,6 +157,7 @@ class LayerIR:
   output_ids: tuple[int, ...]
   residual_ids: tuple[int, ...]
   kept_ids: tuple[int, ...]
+  kept_for: Mapping[int, tuple[int, ...]]
   grad_ids: tuple[int, ...]
   grad_like_ids: frozenset[int]
   fused_ids: frozenset[int]
@@ -254,7 +259,7 @@ def build(layer: graph_lib.Layer, info: GraphInfo | None = None, *,
   residual_ids = tuple(
       v for v in order if "backward" in consumers.get(v, ()) and
       (produced.get(v) == "forward" or v in input_ids))
-  kept_ids = _kept(live_ops, residual_ids, set(param_ids) | set(roles))
+  kept_ids, kept_for = _kept(live_ops, residual_ids, set(param_ids) | set(roles))
   grad_ids = tuple(v for v in order if produced.get(v) == "backward"
                    and "optimizer" in consumers.get(v, ()))
   grad_like = _grad_like(live_ops, set(grad_ids), produced)
@@ -277,7 +282,8 @@ def build(layer: graph_lib.Layer, info: GraphInfo | None = None, *,
       param_labels=frozenset(param_labels), boundary_labels=frozenset(boundary_labels),
       cooccur=frozenset(cooccur), param_ids=param_ids, opt_state_ids=opt_state_ids,
       batch_ids=batch_ids, input_ids=input_ids, output_ids=output_ids,
-      residual_ids=residual_ids, kept_ids=kept_ids, grad_ids=grad_ids, grad_like_ids=grad_like,
+      residual_ids=residual_ids, kept_ids=kept_ids, kept_for=kept_for, grad_ids=grad_ids,
+      grad_like_ids=grad_like,
       fused_ids=_fused(live_ops, layer.output_ids), readers=_readers(live_ops),
       constant_ids=_constants(live_ops), scale=scale)
 
@@ -398,45 +404,132 @@ _CHEAP = frozenset({
 
 
 def _kept(ops: Sequence[graph_lib.Op], residuals: Sequence[int],
-          inputs: set[int]) -> tuple[int, ...]:
-  """The values stored for the backward pass (see LayerIR.kept_ids).
+          inputs: set[int]) -> tuple[tuple[int, ...], dict[int, tuple[int, ...]]]:
+  """The values stored for the backward pass (see LayerIR.kept_ids and kept_for).
 
   A residual made by cheap elementwise ops (a chain of them, e.g. GELU's
-  0.5 * (1 + tanh(.))) from values that are stored anyway (or are parameters, inputs,
-  constants) is recomputed inside the backward fusions that read it; dropping it
-  never adds memory. Only fusions can do that: a residual that a matmul, reduction
+  0.5 * (1 + tanh(.))) from values that are stored anyway (or are parameters, step
+  inputs, constants) is recomputed inside the backward fusions that read it; dropping
+  it never adds memory. Only fusions can do that: a residual that a matmul, reduction
   or gather of the backward pass reads needs a buffer, and XLA's CSE makes that the
   forward pass's (e.g. a layer norm's output, which the next matmul's weight gradient
   reads). Latest residuals are tried first, so a chain collapses onto the value it
   starts from.
+
+  Then the cheap residuals that are left are recomputed from the values their chains
+  start from when those are smaller together: a layer norm's `x - mean` and its
+  variance's `2 * x` (two [b, s, h] residuals) from `x` and the [b, s] mean, as
+  XLA's fusions do by reading `x` in the backward pass. Returns (kept values,
+  {value kept only for recomputation: the residuals recomputed from it}).
   """
   producer = {v: op for op in ops if op.phase == "forward" for v in op.out_ids}
   unfused_reader = {v for op in ops if op.phase == "backward" and family_of(op) not in FUSIBLE
                     for v in op.in_ids}
+  nbytes: dict[int, int] = {}
+  for op in ops:
+    for v, t in zip((*op.in_ids, *op.out_ids), (*op.in_types, *op.out_types)):
+      if v >= 0:
+        nbytes.setdefault(v, t.nbytes)
   kept = set(residuals)
   order = {v: i for i, v in enumerate(producer)}
 
+  def free(v: int) -> bool:
+    return v in kept or v in inputs
+
   def recomputable(v: int, memo: dict[int, bool], depth: int) -> bool:
-    if v in kept or v in inputs or v not in producer:
+    if free(v):
       return True
+    if v not in producer:  # an activation from an earlier layer that is not kept
+      return False
     if v not in memo:
       op = producer[v]
       memo[v] = depth < _RECOMPUTE_DEPTH and op.primitive in _CHEAP and all(
           recomputable(i, memo, depth + 1) for i in op.in_ids if i >= 0)
     return memo[v]
 
+  def droppable(v: int) -> bool:
+    op = producer.get(v)
+    return op is not None and op.primitive in _CHEAP and v not in unfused_reader
+
   changed = True
   while changed:
     changed = False
     for v in sorted(kept, key=lambda v: -order.get(v, -1)):
-      op = producer.get(v)
-      if op is None or op.primitive not in _CHEAP or v in unfused_reader:
+      if not droppable(v):
         continue
       memo: dict[int, bool] = {}
-      if all(recomputable(i, memo, 1) for i in op.in_ids if i >= 0):
+      if all(recomputable(i, memo, 1) for i in producer[v].in_ids if i >= 0):
         kept.discard(v)
         changed = True
-  return tuple(v for v in residuals if v in kept)
+
+  def leaves(v: int, depth: int, out: set[int]) -> bool:
+    """Collects the values v's chain starts from that are not stored; False if the
+    chain is longer than a fusion recomputes."""
+    if free(v):
+      return True
+    op = producer.get(v)
+    if op is None or op.primitive not in _CHEAP:
+      out.add(v)
+      return True
+    return depth < _RECOMPUTE_DEPTH and all(
+        leaves(i, depth + 1, out) for i in op.in_ids if i >= 0)
+
+  changed = True
+  while changed:
+    changed = False
+    starts: dict[int, set[int]] = {}
+    for v in sorted(kept, key=lambda v: (order.get(v, -1), v)):
+      found: set[int] = set()
+      if droppable(v) and all(leaves(i, 1, found) for i in producer[v].in_ids if i >= 0):
+        starts[v] = found
+    # Residuals that share a start are decided together.
+    uf = UnionFind()
+    for v, found in starts.items():
+      uf.find(("r", v))
+      for w in found:
+        uf.union(("r", v), ("s", w))
+    groups: dict[Any, list[int]] = {}
+    for v in starts:
+      groups.setdefault(uf.find(("r", v)), []).append(v)
+    for group in sorted(groups.values(), key=lambda g: order.get(g[0], -1)):
+      needed = set().union(*(starts[v] for v in group))
+      if sum(nbytes[w] for w in needed) < sum(nbytes[v] for v in group):
+        kept.difference_update(group)
+        kept.update(needed)
+        changed = True
+        break
+  # Which recomputed residuals read each value kept only for them (through chains
+  # of recomputed residuals too): the last of their readers ends its life.
+  residual_set = set(residuals)
+  added = {v for v in kept if v not in residual_set}
+  kept_for: dict[int, list[int]] = {}
+
+  def sources(v: int, depth: int, out: set[int], seen: set[int]) -> None:
+    if v in seen:
+      return
+    seen.add(v)
+    if v in added:
+      out.add(v)
+    op = producer.get(v)
+    if v in kept or v in inputs or op is None or depth > 2 * _RECOMPUTE_DEPTH:
+      return
+    for i in op.in_ids:
+      if i >= 0:
+        sources(i, depth + 1, out, seen)
+
+  for r in residuals:
+    if r in kept or r not in producer:
+      continue
+    found: set[int] = set()
+    seen: set[int] = set()
+    for i in producer[r].in_ids:
+      if i >= 0:
+        sources(i, 1, found, seen)
+    for w in sorted(found):
+      kept_for.setdefault(w, []).append(r)
+  out = [v for v in residuals if v in kept]
+  out += sorted(added, key=lambda v: (order.get(v, -1), v))
+  return tuple(out), {w: tuple(kept_for.get(w, ())) for w in sorted(added)}
 
 
 _RECOMPUTE_DEPTH = 8  # the longest chain of cheap ops recomputed into a fusion

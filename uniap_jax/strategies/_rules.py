@@ -30,12 +30,18 @@ NONE: Partial = ()
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Plan:
-  """How one op runs: operands' layouts, results' local layouts and partial sums."""
+  """How one op runs: operands' layouts, results' local layouts and partial sums.
+
+  `predictable` is False where XLA's partitioner is known to choose collectives these
+  rules do not model; a candidate with such an op is not offered (its cost would be
+  a guess).
+  """
 
   in_targets: tuple[Layout | None, ...]
   out_natural: tuple[Layout, ...]
   out_partial: tuple[Partial, ...]
   frac: float
+  predictable: bool = True
 
 
 def _groups(axes_per_dim: Sequence[Sequence[int]]) -> Partial:
@@ -255,6 +261,16 @@ def rule_gather(ctx: Context) -> Plan:
   indices keep their splits (batching dims of the table follow them); last, a split
   of an indexed (collapsed) dim of the table on axes still free becomes a masked
   local lookup completed by a partial sum. Anything else is gathered first.
+
+  When the indices take an axis that also splits an indexed dim of the table (a
+  vocabulary split on the axis that splits the token ids' sequence, or the batch on
+  part of the mesh), gathering the table first is what these rules say, but XLA's
+  partitioner groups the devices instead and moves the shards with collective-permutes
+  and all-to-alls, or all-reduces the gradient before slicing it: the plan is marked
+  unpredictable. Only a table split over every mesh axis (FSDP over the vocabulary)
+  compiles as predicted when the token ids are split along one dim (all batch, or
+  all sequence): an all-gather, and a reduce-scatter of its gradient. Ids split along
+  both make XLA all-reduce the whole gradient over each axis instead.
   """
   op = ctx.op.op
   table, indices = ctx.ins[0], ctx.ins[1]
@@ -279,6 +295,7 @@ def rule_gather(ctx: Context) -> Plan:
   used.update(x for axes in it for x in axes)
   for a, b in zip(op_batch, idx_batch):
     tt[a] = it[b]
+  clash = {x for d in collapsed for x in table[d] if x in used}
   for d in collapsed:
     tt[d] = tuple(x for x in table[d] if x not in used)
     used.update(tt[d])
@@ -289,8 +306,21 @@ def rule_gather(ctx: Context) -> Plan:
   for od, d in zip(offset, kept):
     natural[od] = tt[d]
   partial = _groups([tt[d] for d in collapsed])
+  index_splits = [axes for axes in it[:-1] if axes]
   return Plan((tuple(tt), tuple(it)), (tuple(natural),), (partial,),
-              1.0 / _count(tuple(natural), ctx.sizes))
+              1.0 / _count(tuple(natural), ctx.sizes),
+              predictable=_predictable_clash(clash, table, index_splits, ctx.sizes))
+
+
+def _predictable_clash(clash: set[int], table: Layout, index_splits: Sequence[Sequence[int]],
+                       sizes: Sequence[int]) -> bool:
+  """Whether XLA gathers (or scatters into) a table whose indexed dims lose axes
+  `clash` to the indices as the rules say: no clash, or a table split over every mesh
+  axis along its indexed dims, with indices split along one dim (see `rule_gather`)."""
+  if not clash:
+    return True
+  every = {a for a, n in enumerate(sizes) if n > 1}
+  return ({a for axes in table for a in axes} == every == clash and len(index_splits) == 1)
 
 
 def rule_scatter(ctx: Context) -> Plan:
@@ -300,7 +330,10 @@ def rule_scatter(ctx: Context) -> Plan:
   updates; the updates keep their other splits (over batching dims each device
   scatters into its own rows, over indexed positions they leave partial sums: tokens
   on different devices add into the same row); last, the result's indexed rows are
-  split on axes still free (each device keeps the rows it owns).
+  split on axes still free (each device keeps the rows it owns). An axis of the
+  updates that the result's indexed rows also want makes the plan unpredictable,
+  as in `rule_gather`, unless the result is split over every mesh axis and the
+  updates along one scatter dim.
   """
   op = ctx.op.op
   if len(ctx.ins) < 3 or any(x is None for x in ctx.ins[:3]):
@@ -324,6 +357,7 @@ def rule_scatter(ctx: Context) -> Plan:
   for ud in scatter_dims:
     ut[ud] = tuple(x for x in updates[ud] if x not in used)
     used.update(ut[ud])
+  clash = {x for d in inserted for x in out[d] if x in used}
   for d in inserted:
     natural[d] = tuple(x for x in out[d] if x not in used)
     used.update(natural[d])
@@ -338,7 +372,9 @@ def rule_scatter(ctx: Context) -> Plan:
   natural_t = _drop(tuple(natural), frozenset(x for p in partial for x in p))
   targets = (natural_t, tuple(it), tuple(ut))
   return Plan(targets + tuple(_replicated(s) for s in ctx.in_shapes[3:]), (natural_t,),
-              (_groups(partial),), 1.0 / _count(tuple(ut), ctx.sizes))
+              (_groups(partial),), 1.0 / _count(tuple(ut), ctx.sizes),
+              predictable=_predictable_clash(clash, out, [ut[ud] for ud in scatter_dims
+                                                          if ut[ud]], ctx.sizes))
 
 
 def rule_concatenate(ctx: Context) -> Plan:
