@@ -72,3 +72,16 @@ def test_bad_options():
     ua.auto_parallel(models.train_step(NAME), cluster="cpu-8")
   with pytest.raises(ValueError, match="on_shape_change must be"):
     ua.auto_parallel(models.train_step(NAME), cluster=CPU8, on_shape_change="ignore")
+  with pytest.raises(ValueError, match=r"objective='fastest'; allowed: 'runtime'"):
+    ua.auto_parallel(models.train_step(NAME), cluster=CPU8, objective="fastest")
+
+
+def test_the_objective_is_part_of_the_cache_key(tmp_path):
+  model, optimizer, batch = _fresh()
+  graph = ua.trace(models.train_step(NAME), model, optimizer, batch)
+  paths = {objective: ua.auto_parallel(models.train_step(NAME), cluster=CPU8,
+                                       objective=objective, cache_dir=tmp_path)._cache_path(graph)
+           for objective in ("runtime", "paper")}
+  default = ua.auto_parallel(models.train_step(NAME), cluster=CPU8, cache_dir=tmp_path)
+  assert paths["runtime"] != paths["paper"]
+  assert default._cache_path(graph) == paths["runtime"]

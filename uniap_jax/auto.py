@@ -44,6 +44,7 @@ class _Options:
   memory_limit_bytes: float | None = None
   time_limit_s: float = 60.0
   global_batch: int | None = None
+  objective: str = "runtime"
 
 
 class AutoParallel:
@@ -122,7 +123,7 @@ def auto_parallel(step: Callable[..., Any] | None = None, *, cluster: cluster_li
                   batch_argnums: Sequence[int] | None = None, pp: int | None = None,
                   num_microbatches: int | None = None, schedule: str | None = None,
                   memory_limit_bytes: float | None = None, time_limit_s: float = 60.0,
-                  global_batch: int | None = None,
+                  global_batch: int | None = None, objective: str = "runtime",
                   cache_dir: str | os.PathLike | None = None,
                   on_shape_change: str = "replan", **apply_kwargs: Any):
   """Makes a train step plan itself on first call and run sharded and pipelined.
@@ -136,8 +137,9 @@ def auto_parallel(step: Callable[..., Any] | None = None, *, cluster: cluster_li
     step: the train step; its last argument is the batch unless batch_argnums says.
     cluster: the machines to plan for, e.g. Cluster.from_devices().
     batch_argnums: which arguments are batch.
-    pp, num_microbatches, schedule, memory_limit_bytes, time_limit_s, global_batch:
-      the knobs of `uniap_jax.plan`.
+    pp, num_microbatches, schedule, memory_limit_bytes, time_limit_s, global_batch,
+      objective: the knobs of `uniap_jax.plan` ("runtime", the default, ranks
+      configurations by the step time of the pipeline this decorator runs).
     cache_dir: where plans are cached across runs; default $UNIAP_CACHE_DIR, if set.
     on_shape_change: "replan" (default) or "error" when argument shapes change.
     **apply_kwargs: passed to `Plan.apply` (e.g. devices=).
@@ -151,11 +153,12 @@ def auto_parallel(step: Callable[..., Any] | None = None, *, cluster: cluster_li
                     f"Cluster.preset('cpu-8') or Cluster.from_devices()), got {cluster!r}")
   if on_shape_change not in ("replan", "error"):
     raise ValueError(f"on_shape_change must be 'replan' or 'error', got {on_shape_change!r}")
+  search.check_objective(objective)
   if cache_dir is None:
     cache_dir = os.environ.get(CACHE_ENV) or None
   options = _Options(pp=pp, num_microbatches=num_microbatches, schedule=schedule,
                      memory_limit_bytes=memory_limit_bytes, time_limit_s=time_limit_s,
-                     global_batch=global_batch)
+                     global_batch=global_batch, objective=objective)
 
   def wrap(fn: Callable[..., Any]) -> AutoParallel:
     return AutoParallel(fn, cluster=cluster, batch_argnums=batch_argnums, options=options,

@@ -1,5 +1,7 @@
 """Lower bounds on a configuration's objective and memory, cheapest first, so that
-most configurations are skipped before their tables are built."""
+most configurations are skipped before their tables are built: on the UniAP
+objective (objective="paper") and on the runtime step time (objective="runtime",
+`runtime_bound` and below)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from uniap_jax import cluster as cluster_lib
 from uniap_jax import cost
 from uniap_jax import graph as graph_lib
 from uniap_jax import solver
+from uniap_jax import strategies
 from uniap_jax.search._configs import Config
 
 
@@ -236,3 +239,260 @@ def _check_layers(layers: Sequence[cost.LayerCosts], config: Config, *, limit: f
   times = _layer_times(layers, c, scale)
   return _Check(bound=objective_bound(times, num_stages=config.num_stages,
                                       num_microbatches=c))
+
+
+# Bounds on the runtime step time (objective="runtime"): `cost.runtime_step_time_s`
+# of any assignment in a configuration. That figure sums, over the lockstep
+# program's layer positions, each position's forward compute and collectives times
+# the forward runs that execute it, its backward compute and collectives (and, for a
+# recomputing candidate, its forward once more) times the backward runs, plus
+# resharding, sends and once-per-step terms (among them every layer's optimizer
+# compute divided by S), all non-negative. With (forward_runs, backward_runs, _) =
+# `cost.runtime_runs(schedule, S, M)` and fill = M + S - 1:
+#   - every position runs at least `_runs`' forward count: the fill forward passes,
+#     and for the explicit tables ("fused", "1f1b") the recomputation that starts
+#     each of their backward runs, half of the table ticks' forward runs (the other
+#     half feeds only the sends, which a position off that path skips);
+#   - its forward collectives run at least in the fill passes, except parameter
+#     gathers (loop-invariant: hoisted out of the tick loops), not counted here;
+#   - its backward compute and backward collectives run in every backward run.
+# Collectives count only over axes the candidate shards parameters over (the
+# runtime skips its manual axes, and no such axis is manual); "recompute"-phase ones
+# not at all. The positions are a common supersequence of the stages' layer
+# sequences (keyed by signature), so for every stage s each of its layers has a
+# position of its own signature: the runtime is at least the largest, over stages,
+# sum over the stage's layers of w(layer), w = min over the layer's candidates of
+# those per-position figures, and stages are contiguous, so that maximum is at least
+# the least bottleneck of a contiguous split (`_least_bottleneck`). With one stage
+# and one micro-batch the runtime is the layers' summed solver times, which the same
+# weights (runs (1, 1)) bound too. The bound does not see the union of the stages'
+# programs the runtime really runs when stages hold layers of different kinds.
+
+
+def _runs(schedule: str, num_stages: int, num_microbatches: int) -> tuple[int, int, int]:
+  """(forward runs of every position's compute, forward runs of its collectives,
+  backward runs), at least, per step (see the comment above)."""
+  forward, backward, _ = cost.runtime_runs(schedule, num_stages, num_microbatches)
+  if num_stages == 1 and num_microbatches == 1:
+    return 1, 1, 1
+  fill = num_microbatches + num_stages - 1
+  return fill + max(forward - fill, 0) // 2, fill, backward
+
+
+def runtime_bound(weights: Sequence[float], optimizer_s: float, *, num_stages: int) -> float:
+  """A lower bound on the runtime step time from per-layer lower bounds.
+
+  Args:
+    weights: per layer in graph order, at most what the runtime charges a position
+      holding any of its candidates (see the comment above `_runs`).
+    optimizer_s: at most the summed optimizer compute of the layers' candidates.
+    num_stages: S; each device updates a 1/S share of every leaf.
+  """
+  if not weights:
+    return optimizer_s / num_stages
+  neck = float(sum(weights)) if num_stages == 1 else _least_bottleneck(weights, num_stages)
+  return neck + optimizer_s / num_stages
+
+
+def phase_flops_bounds(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
+                       global_batch: int, cache: dict | None = None
+                       ) -> tuple[tuple[float, float, float], ...]:
+  """Per layer (forward per-sample s, backward per-sample s, optimizer per-step s).
+
+  `cost.flops_time_bounds` with the micro-batch part split into its forward and
+  backward ops, by the same argument: with b samples per micro-batch on m devices,
+  every candidate's forward compute is at least b x forward / m, its backward at
+  least b x backward / m, its optimizer compute at least optimizer / m.
+  """
+  cache = {} if cache is None else cache
+  key = ("runtime_phase_flops", global_batch, id(cluster))
+  got = cache.get(key)
+  if got is not None and got[0] is cluster:
+    return got[1]
+  # Builds (and caches) the graph analysis and each signature's IR at the global batch.
+  cost.flops_time_bounds(graph, cluster, global_batch=global_batch, cache=cache)
+  info = cache.get("info")
+  if info is None:
+    info = cache["info"] = strategies.analyze(graph)
+  rate = max(cluster.peak_flops_per_s.values()) * cluster.compute_efficiency
+  by_signature: dict[str, tuple[float, float, float]] = {}
+  out = []
+  for layer in graph.layers:
+    got = by_signature.get(layer.signature)
+    if got is None:
+      ir = cache.get(("ir", layer.signature, global_batch))
+      if ir is None:
+        ir = strategies.build_ir(layer, info, microbatch=global_batch)
+      flops = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+      for o in ir.ops:
+        if o.op.phase in flops:
+          flops[o.op.phase] += o.flops
+      got = by_signature[layer.signature] = (
+          flops["forward"] / global_batch / rate, flops["backward"] / global_batch / rate,
+          flops["optimizer"] / rate)
+    out.append(got)
+  out = tuple(out)
+  cache[key] = (cluster, out)
+  return out
+
+
+def _runtime_flops_bound(config: Config, flops: Sequence[tuple[float, float, float]],
+                         global_batch: int) -> float:
+  """`runtime_bound` over `phase_flops_bounds` for this configuration (level 0)."""
+  m, c, s = config.mesh.num_devices, config.num_microbatches, config.num_stages
+  fr, _, br = _runs(config.schedule, s, c)
+  b = global_batch // c
+  weights = [(fr * f + br * g) * b / m for f, g, _ in flops]
+  return runtime_bound(weights, sum(o for _, _, o in flops) / m, num_stages=s)
+
+
+def _param_axes(cand: strategies.Candidate) -> set[str]:
+  """Mesh axes over which the candidate shards some parameter."""
+  out: set[str] = set()
+  for spec in cand.param_specs:
+    for entry in spec:
+      if entry:
+        out.update(entry if isinstance(entry, tuple) else (entry,))
+  return out
+
+
+def _phase_times(candidates: Sequence[strategies.Candidate], mesh: strategies.MeshShape,
+                 cluster: cluster_lib.Cluster, cache: dict) -> np.ndarray:
+  """[5, candidate], at least what `cost.runtime_step_time_s` charges a position
+  holding the candidate (see the comment above `_runs`): forward compute per forward
+  run, forward collectives per pass, backward compute and collectives per backward
+  run (with the forward again for a candidate that recomputes its activations),
+  once per step on its own position, and optimizer compute (once per step, shared
+  by the S stages). Once per candidate tuple and mesh in `cache`.
+  """
+  key = ("runtime_phase_times", id(candidates), mesh, id(cluster))
+  got = cache.get(key)
+  if got is not None and got[0] is candidates and got[1] is cluster:
+    return got[2]
+  rows = np.zeros((5, len(candidates)))
+  for k, cand in enumerate(candidates):
+    per_op = cost.roofline_time_s(np.asarray(cand.op_flops, dtype=np.float64),
+                                  np.asarray(cand.op_bytes, dtype=np.float64),
+                                  cand.op_dtype, cluster)
+    phase = np.asarray(cand.op_phase)
+    rows[0, k] = float(per_op[phase == "forward"].sum())
+    rows[2, k] = float(per_op[phase == "backward"].sum())
+    rows[4, k] = float(per_op[phase == "optimizer"].sum())
+    if cand.recompute:  # under jax.checkpoint: its forward again in every backward run
+      rows[2, k] += rows[0, k]
+    sharded = _param_axes(cand)
+    for comm in cand.comms:
+      if not comm.axes or not set(comm.axes) <= sharded or comm.phase == "recompute":
+        continue  # may be skipped: over a manual axis, or closing a recomputed output
+      t = cost.comm_time_s(comm, mesh, cluster) * comm.count
+      if comm.per_step:
+        rows[3 if comm.phase == "optimizer" else 2, k] += t
+      elif comm.phase == "forward" and comm.kind != "all-gather":
+        rows[1, k] += t  # (parameter gathers are hoisted out of the loops)
+      elif comm.phase == "backward":
+        rows[2, k] += t
+  cache[key] = (candidates, cluster, rows)
+  return rows
+
+
+def _runtime_layer_bound(layers: Sequence[cost.LayerCosts], config: Config,
+                         cluster: cluster_lib.Cluster, cache: dict | None = None, *,
+                         memory_cap: float | None = None) -> float:
+  """`runtime_bound` from the layers' own candidates (level 2; also on tables' layers).
+
+  Valid for layers costed at this configuration's micro-batch: the tables keep a
+  subset of those candidates, so minima over them are at most the chosen ones'.
+  With one stage and one micro-batch the runtime is the summed solver times, so
+  their least sum bounds it as well.
+
+  memory_cap: bytes per device the layers may use (limit less the reserve), or None.
+  With it, the bound also respects memory, by Lagrangian relaxation: the busiest
+  stage is at least the average one, so runtime >= (1/S) sum over layers of v(k),
+  v = w + optimizer compute (+ summed solver time with one stage and one
+  micro-batch), over assignments whose least memory m(k) (activations of the
+  fewest micro-batches any stage holds) sums to at most S x memory_cap; for every
+  lambda >= 0 that is at least (1/S) (sum over layers of min_k (v + lambda m) -
+  lambda S memory_cap). The fastest candidates often do not fit (large models),
+  which the plain bound ignores.
+  """
+  cache = {} if cache is None else cache
+  if any(not l.candidates for l in layers):
+    return math.inf
+  c, s, mesh = config.num_microbatches, config.num_stages, config.mesh
+  fr, fc, br = _runs(config.schedule, s, c)
+  fewest = min(cost.microbatches_in_flight(config.schedule, c, s, i) for i in range(s))
+  groups: dict[int, list] = {}  # id(candidates) -> [count, v, m, w, optimizer, solver]
+  weights, optimizer_s, solver_s = [], 0.0, 0.0
+  for l in layers:
+    got = groups.get(id(l.candidates))
+    if got is None:
+      fwd, fwd_comm, bwd, once, opt = _phase_times(l.candidates, mesh, cluster, cache)
+      solver_t = np.asarray(l.microbatch_time_s) + np.asarray(l.step_time_s) / c
+      w = fr * fwd + fc * fwd_comm + br * bwd + once
+      v = w + opt
+      if s == 1 and c == 1:
+        v = np.maximum(v, solver_t)
+      state, grad = np.asarray(l.state_bytes), np.asarray(l.grad_bytes)
+      act = np.asarray(l.activation_bytes) * fewest
+      m = state + (grad + act if c > 1 else np.maximum(grad, act))
+      got = groups[id(l.candidates)] = [0, v, m, float(np.min(w)), float(np.min(opt)),
+                                        float(np.min(solver_t))]
+    got[0] += 1
+    weights.append(got[3])
+    optimizer_s += got[4]
+    solver_s += got[5]
+  bound = runtime_bound(weights, optimizer_s, num_stages=s)
+  if s == 1 and c == 1:
+    bound = max(bound, solver_s)
+  if memory_cap is not None and math.isfinite(memory_cap):
+    budget = s * memory_cap * (1 + solver.MEMORY_RTOL)
+    parts = [(n, v, m) for n, v, m, *_ in groups.values()]
+    bound = max(bound, _lagrangian_bound(parts, budget) / s)
+  return bound
+
+
+def _lagrangian_bound(parts: Sequence[tuple[int, np.ndarray, np.ndarray]],
+                      budget: float) -> float:
+  """max over lambda >= 0 of sum over groups of n x min_k (v + lambda m) - lambda budget:
+  a lower bound on the least sum of v over one candidate per item (n items per group)
+  whose m sum to at most `budget` (weak duality). The dual is concave in lambda; a
+  bisection on its slope finds its top, and every value it visits is a valid bound."""
+
+  def dual(lam: float) -> tuple[float, float]:
+    value, used = -lam * budget, 0.0
+    for n, v, m in parts:
+      k = int(np.argmin(v + lam * m))
+      value += n * float(v[k] + lam * m[k])
+      used += n * float(m[k])
+    return value, used
+
+  best, used = dual(0.0)
+  if used <= budget:
+    return best  # the fastest candidates fit: memory adds nothing
+  spread_v = sum(n * float(np.ptp(v)) for n, v, _ in parts)
+  spread_m = sum(n * float(np.ptp(m)) for n, _, m in parts)
+  if spread_v <= 0 or spread_m <= 0:
+    return best
+  scale = spread_v / spread_m
+  lo, hi = math.log(scale * 1e-9), math.log(scale * 1e9)
+  for _ in range(60):
+    mid = 0.5 * (lo + hi)
+    value, used = dual(math.exp(mid))
+    best = max(best, value)
+    if used > budget:
+      lo = mid  # still over the budget: a larger price on memory
+    else:
+      hi = mid
+    if hi - lo < 1e-4:
+      break
+  return best
+
+
+def runtime_lower_bound(tables: cost.CostTables) -> float:
+  """A cheap bound on `cost.runtime_step_time_s` of any assignment of the tables that
+  fits their memory limit, under the executor of their schedule (see the comment
+  above `runtime_bound`)."""
+  config = Config(num_stages=tables.num_stages, mesh=tables.mesh,
+                  num_microbatches=tables.num_microbatches, schedule=tables.schedule)
+  cap = max(tables.memory_limit_bytes - tables.reserve_bytes, 0.0)
+  return _runtime_layer_bound(tables.layers, config, tables.cluster, memory_cap=cap)

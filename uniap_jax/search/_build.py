@@ -42,7 +42,8 @@ def build_plan(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config
     layer_plans.append(plans.LayerPlan(
         name=l.name, stage=sol.stage[l.name], strategy=l.candidates[k].name,
         kind=l.signature, time_s=float(tables.solver_time_s(l.name)[k]),
-        memory_bytes=int(tables.memory_by_stage(l.name)[sol.stage[l.name]][k])))
+        memory_bytes=int(tables.memory_by_stage(l.name)[sol.stage[l.name]][k]),
+        recompute=l.candidates[k].recompute))
   activation_specs = {}
   for e in tables.edges:
     src = tables.layer(e.src)
@@ -145,11 +146,14 @@ def _predict(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config: 
     compute += l.microbatch_time_s[sol.choice[l.name]] - layer_comm
   memory = []
   for s in range(config.num_stages):
-    total = tables.reserve_bytes
+    # The solver kept the largest transient of any candidate free (a linear stand-in
+    # for a max); the plan needs only the largest of its own candidates on the stage.
+    total = transient = 0.0
     for l in tables.layers:
       if sol.stage[l.name] == s:
         total += tables.memory_by_stage(l.name)[s][sol.choice[l.name]]
-    memory.append(int(total))
+        transient = max(transient, l.temp_bytes[sol.choice[l.name]])
+    memory.append(int(total + transient))
   step_time = sol.objective
   scale = global_batch / graph.batch_size
   model_flops = sum(l.flops + l.backward_flops for l in graph.layers) * scale

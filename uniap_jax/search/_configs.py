@@ -45,8 +45,8 @@ class Progress:
   total: int
   config: Config
   status: str  # the solver's status for this configuration, or "pruned"
-  incumbent: float  # best step time so far (inf before the first plan)
-  bound: float  # this configuration's proven lower bound
+  incumbent: float  # best step time so far under the objective (inf before a plan)
+  bound: float  # this configuration's proven lower bound, in the same units
 
 
 def configurations(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,

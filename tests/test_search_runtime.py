@@ -1,0 +1,262 @@
+"""objective="runtime": configurations ranked by the step time of what apply runs, with
+sound runtime bounds; and the warm start from a known plan."""
+
+import dataclasses
+import math
+import random
+
+import pytest
+
+from experiments import models
+from uniap_jax import baselines
+from uniap_jax import cluster as cluster_lib
+from uniap_jax import cost
+from uniap_jax import graph as graph_lib
+from uniap_jax import plans
+from uniap_jax import search
+from uniap_jax import solver
+
+CPU8 = cluster_lib.Cluster.preset("cpu-8")
+TOL = 1 + 1e-9
+
+
+def _trace(name, batch=16):
+  model = models.create(name, "tiny", shape_only=True)
+  opt = models.create_optimizer(model)
+  example = models.example_batch(name, "tiny", batch, shape_only=True)
+  args = (model, opt, example)
+  return graph_lib.trace(models.train_step(name), *args), args
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+  """The traced tiny GPT-2, its arguments, and a cost-table cache its tests share."""
+  return (*_trace("gpt2"), {})
+
+
+@pytest.fixture(scope="module")
+def llama():
+  return (*_trace("llama_7b"), {})
+
+
+def _tables(graph, config, cache, limit=None):
+  return cost.build_cost_tables(
+      graph, CPU8, mesh=config.mesh, num_stages=config.num_stages,
+      num_microbatches=config.num_microbatches, global_batch=graph.batch_size,
+      schedule=config.schedule, memory_limit_bytes=limit, cache=cache)
+
+
+def _random_assignment(tables, rng):
+  """One candidate per layer and contiguous, non-empty stages, at random."""
+  names = [l.name for l in tables.layers]
+  cuts = sorted(rng.sample(range(1, len(names)), tables.num_stages - 1))
+  bounds = [0, *cuts, len(names)]
+  stage = {names[i]: s for s in range(tables.num_stages)
+           for i in range(bounds[s], bounds[s + 1])}
+  choice = {l.name: rng.randrange(len(l.candidates)) for l in tables.layers}
+  return choice, stage
+
+
+def _usable(tables):
+  return not (any(not l.candidates for l in tables.layers) or tables.over_limit
+              or tables.reserve_bytes >= tables.memory_limit_bytes)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_runtime_bounds_are_below_the_runtime_of_any_assignment(model, request):
+  """Level 0 (FLOPs), level 2 (the configuration's own layers, with and without
+  memory) and the tables' bound never exceed `cost.runtime_step_time_s` of random
+  assignments and of the solver's answer, for every configuration."""
+  graph, _, cache = request.getfixturevalue(model)
+  rng = random.Random(0)
+  batch = graph.batch_size
+  flops = search.phase_flops_bounds(graph, CPU8, global_batch=batch, cache=cache)
+  checked = 0
+  for config in search.configurations(graph, CPU8, global_batch=batch):
+    tables = _tables(graph, config, cache)
+    if not _usable(tables):
+      continue
+    layers = cost.layer_costs(graph, CPU8, mesh=config.mesh,
+                              microbatch=batch // config.num_microbatches, cache=cache)
+    level0 = search._runtime_flops_bound(config, flops, batch)
+    level2 = search._runtime_layer_bound(layers, config, CPU8, cache)
+    cap = tables.memory_limit_bytes - tables.reserve_bytes
+    with_memory = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=cap)
+    of_tables = search.runtime_lower_bound(tables)
+    problem = search.to_problem(tables)
+    sol = solver.solve(problem)
+    assignments = [(sol.choice, sol.stage)] + [_random_assignment(tables, rng)
+                                               for _ in range(4)]
+    for choice, stage in assignments:
+      runtime = cost.runtime_step_time_s(tables, choice, stage, executor=config.schedule)
+      what = (config.describe(), choice, stage)
+      assert 0 < level0 <= runtime * TOL, what
+      assert level0 <= level2 * TOL or config.num_stages * config.num_microbatches == 1, what
+      assert level2 <= runtime * TOL, what
+      if solver.evaluate(problem, choice, stage).fits:
+        assert with_memory <= runtime * TOL, what
+        assert of_tables <= runtime * TOL, what
+      checked += 1
+  assert checked >= 100
+
+
+def test_memory_aware_bound_is_sound_and_tighter_under_a_tight_limit(gpt2):
+  """Under a limit that rules out the fastest candidates, the Lagrangian bound is
+  still below the runtime of every assignment that fits (the solver's, and random
+  ones that happen to fit), and for some configuration above the plain bound."""
+  graph, _, cache = gpt2
+  rng = random.Random(1)
+  batch, limit = graph.batch_size, 1.2e6
+  tighter = 0
+  for config in search.configurations(graph, CPU8, pp=1, global_batch=batch):
+    tables = _tables(graph, config, cache, limit=limit)
+    if not _usable(tables):
+      continue
+    problem = search.to_problem(tables)
+    sol = solver.solve(problem)
+    if not sol.choice:
+      continue
+    layers = cost.layer_costs(graph, CPU8, mesh=config.mesh,
+                              microbatch=batch // config.num_microbatches, cache=cache)
+    plain = search._runtime_layer_bound(layers, config, CPU8, cache)
+    cap = limit - cost.reserve_bytes(layers)
+    bound = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=cap)
+    tighter += bound > plain * TOL
+    assignments = [(sol.choice, sol.stage)] + [_random_assignment(tables, rng)
+                                               for _ in range(20)]
+    for choice, stage in assignments:
+      if solver.evaluate(problem, choice, stage).fits:
+        runtime = cost.runtime_step_time_s(tables, choice, stage, executor=config.schedule)
+        assert bound <= runtime * TOL, config.describe()
+  assert tighter > 0
+
+
+def _least_runtime(graph, cache, **knobs):
+  """Every configuration built and solved to its paper optimum, no bound, no cutoff:
+  the least runtime step time of those answers."""
+  batch, limit = graph.batch_size, knobs.pop("memory_limit_bytes", None)
+  best = math.inf
+  for config in search.configurations(graph, CPU8, global_batch=batch, **knobs):
+    tables = _tables(graph, config, cache, limit=limit)
+    if not _usable(tables):
+      continue
+    sol = solver.solve(search.to_problem(tables))
+    if sol.choice:
+      best = min(best, cost.runtime_step_time_s(tables, sol.choice, sol.stage,
+                                                executor=config.schedule))
+  return best
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(),
+    dict(pp=2, memory_limit_bytes=2.5e6),
+    dict(pp=1, memory_limit_bytes=1.2e6),
+])
+def test_runtime_search_returns_the_least_runtime_over_configurations(gpt2, knobs):
+  graph, args, cache = gpt2
+  want = _least_runtime(graph, cache, **dict(knobs))
+  assert math.isfinite(want)
+  plan = search.plan_graph(graph, CPU8, args=args, objective="runtime", cache=cache, **knobs)
+  assert plan.solver.status == "optimal"
+  assert plan.predicted.runtime_step_time_s == pytest.approx(want, rel=1e-9)
+  unpruned = search.plan_graph(graph, CPU8, args=args, prune=False, cache=cache, **knobs)
+  assert unpruned.predicted.runtime_step_time_s == pytest.approx(want, rel=1e-9)
+  if not knobs:  # some configurations were skipped unsolved, and rightly so
+    assert plan.solver.skipped > 0
+
+
+def test_the_two_objectives_rank_by_their_own_figure(gpt2):
+  graph, args, cache = gpt2
+  runtime = search.plan_graph(graph, CPU8, args=args, cache=cache)  # the default
+  paper = search.plan_graph(graph, CPU8, args=args, objective="paper", cache=cache)
+  assert runtime.predicted.runtime_step_time_s <= paper.predicted.runtime_step_time_s * TOL
+  assert paper.predicted.step_time_s <= runtime.predicted.step_time_s * TOL
+  for plan, objective in ((runtime, "runtime"), (paper, "paper")):
+    if "objective" in {f.name for f in dataclasses.fields(plans.SolverStats)}:
+      assert plan.solver.objective == objective
+
+
+def test_progress_reports_runtime_figures(gpt2):
+  graph, args, cache = gpt2
+  seen = []
+  plan = search.plan_graph(graph, CPU8, args=args, pp=2, num_microbatches=4,
+                           progress=seen.append, cache=cache)
+  assert seen[-1].incumbent == pytest.approx(plan.predicted.runtime_step_time_s, rel=1e-12)
+  assert all(p.bound >= p.incumbent for p in seen if p.status == "pruned")
+
+
+@pytest.mark.parametrize("bad", ["fast", "Runtime", None, 1])
+def test_an_unknown_objective_says_what_is_allowed(gpt2, bad):
+  graph, args, _ = gpt2
+  with pytest.raises(ValueError, match=r"objective=.*allowed: 'runtime' .* or 'paper'"):
+    search.plan_graph(graph, CPU8, args=args, objective=bad)
+
+
+# Warm start.
+
+
+def _warm_flag(plan):
+  return getattr(plan.solver, "warm_start", None)
+
+
+@pytest.fixture(scope="module")
+def baseline(gpt2):
+  graph, args, cache = gpt2
+  return baselines.data_parallel(graph, CPU8, args=args, cache=cache)
+
+
+@pytest.mark.parametrize("objective", ["runtime", "paper"])
+def test_a_warm_start_comes_back_when_time_runs_out(gpt2, baseline, objective):
+  graph, args, _ = gpt2
+  plan = search.plan_graph(graph, CPU8, args=args, objective=objective, incumbent=baseline,
+                           time_limit_s=1e-9)
+  assert plan.solver.status == "time_limit" and plan.solver.gap > 0
+  assert _warm_flag(plan) in (None, True)
+  assert (plan.mesh_axes, plan.stages, plan.num_microbatches, plan.schedule) == (
+      baseline.mesh_axes, baseline.stages, baseline.num_microbatches, baseline.schedule)
+  assert plan.predicted == baseline.predicted and plan.leaf_specs == baseline.leaf_specs
+  # Without the warm start the same budget finds nothing.
+  with pytest.raises(ValueError, match="ran out before any plan was found"):
+    search.plan_graph(graph, CPU8, args=args, objective=objective, time_limit_s=1e-9)
+
+
+@pytest.mark.parametrize("objective", ["runtime", "paper"])
+def test_with_time_a_warm_start_never_makes_the_plan_worse(gpt2, baseline, objective):
+  graph, args, cache = gpt2
+  value = lambda p: (p.predicted.runtime_step_time_s if objective == "runtime"
+                     else p.predicted.step_time_s)
+  cold = search.plan_graph(graph, CPU8, args=args, objective=objective, cache=cache)
+  warm = search.plan_graph(graph, CPU8, args=args, objective=objective, cache=cache,
+                           incumbent=baseline)
+  assert cold.solver.status == warm.solver.status == "optimal"
+  assert value(warm) <= value(baseline) * TOL
+  assert value(warm) == pytest.approx(value(cold), rel=1e-9)
+  # The optimum itself as the warm start: nothing is strictly better, so it comes back.
+  again = search.plan_graph(graph, CPU8, args=args, objective=objective, cache=cache,
+                            incumbent=cold)
+  assert again.solver.status == "optimal" and _warm_flag(again) in (None, True)
+  assert (again.mesh_axes, again.stages, again.predicted) == (
+      cold.mesh_axes, cold.stages, cold.predicted)
+
+
+def test_a_warm_start_from_elsewhere_is_refused(gpt2, baseline):
+  graph, args, cache = gpt2
+  with pytest.raises(TypeError, match="incumbent must be a uniap_jax.Plan"):
+    search.plan_graph(graph, CPU8, args=args, incumbent=baseline.to_json())
+  with pytest.raises(ValueError, match="it has pp=1 but pp=2 is pinned"):
+    search.plan_graph(graph, CPU8, args=args, pp=2, incumbent=baseline)
+  with pytest.raises(ValueError, match="its global batch is 16, not 8"):
+    search.plan_graph(graph, CPU8, args=args, global_batch=8, incumbent=baseline)
+  with pytest.raises(ValueError, match="over the limit"):
+    search.plan_graph(graph, CPU8, args=args, memory_limit_bytes=1e3, incumbent=baseline)
+  other, _ = _trace("gpt2", batch=8)
+  with pytest.raises(ValueError, match="made for another program"):
+    search.plan_graph(other, CPU8, global_batch=16, incumbent=baseline)
+  unpriced = dataclasses.replace(
+      baseline, predicted=dataclasses.replace(baseline.predicted, runtime_step_time_s=0.0))
+  with pytest.raises(ValueError, match="no runtime step time to start from"):
+    search.plan_graph(graph, CPU8, args=args, incumbent=unpriced)
+  # The paper objective does not need it.
+  got = search.plan_graph(graph, CPU8, args=args, objective="paper", incumbent=unpriced,
+                          cache=cache)
+  assert got.predicted.step_time_s <= baseline.predicted.step_time_s * TOL
