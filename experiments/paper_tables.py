@@ -14,6 +14,12 @@ Determinism: the rows, their order and every choice here are fixed by the flags.
 wall-clock input is --time_limit_s, the budget of each method on each model and cluster:
 a search it cuts short says so in its status ("time_limit", or "no plan" with the
 reason), and only those rows can differ between runs.
+
+Warm start: on each model and cluster the baselines run first, and UniAP starts from the
+best of their plans (they lie inside its search space). So UniAP never reports a plan
+worse than a baseline's, even when its budget runs out; its status then says
+"(warm start kept)" if nothing better was found. Its optimisation time is its own
+search; the warm start's cost is in the baselines' rows.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ class Result:
     strategy_mix: the most frequent per-layer strategies, "count x strategy".
     note: why there is no plan, in one sentence.
     paper: the paper's published cell for this row, or "".
+    plan: the plan itself (not written to the CSV), or None.
   """
 
   model: str
@@ -105,6 +112,7 @@ class Result:
   strategy_mix: str = ""
   note: str = ""
   paper: str = ""
+  plan: ua.Plan | None = dataclasses.field(default=None, repr=False, compare=False)
 
   def __post_init__(self):
     allowed = ("ok", "out of memory", "no plan", "not applicable", "error")
@@ -140,47 +148,54 @@ def _from_row(row: baselines.Row, **common) -> Result:
     return Result(feasibility=feasibility, status=row.status, search_time_s=row.search_time_s,
                   note=row.description.split(". ")[0], **common)
   return Result(
-      feasibility="ok", status=plan.solver.status, throughput=plan.predicted.throughput,
+      feasibility="ok", status=row.status, throughput=plan.predicted.throughput,
       step_time_s=plan.predicted.step_time_s,
       memory_per_device_bytes=float(max(plan.predicted.memory_per_device_bytes)),
       optimisation_time_s=plan.solver.time_s, search_time_s=row.search_time_s,
       gap=plan.solver.gap, pp=len(plan.stages), num_microbatches=plan.num_microbatches,
       schedule=plan.schedule, mesh=" ".join(f"{k}{v}" for k, v in plan.mesh_axes.items()),
-      strategy_mix=strategy_mix(plan), **common)
+      strategy_mix=strategy_mix(plan), plan=plan, **common)
 
 
 def compare_methods(graph: ua.LayerGraph, cluster: ua.Cluster, *, model: str,
                     methods: Sequence[str] = METHODS, global_batch: int,
-                    time_limit_s: float, cache: dict | None = None) -> list[Result]:
+                    time_limit_s: float, cache: dict | None = None,
+                    warm_start: Sequence[ua.Plan] = ()) -> list[Result]:
   """Every method on one traced model and cluster, one Result each, in `methods` order.
 
-  A method that finds no plan becomes a row that says why (out of memory, no plan of
-  its kind, or its time limit ran out first), never an exception. `cache` holds every
-  method's cost tables; share it only between calls on the same graph and cluster.
+  The baselines run first; UniAP starts from the best of their plans and `warm_start`
+  (see `baselines.compare`). A method that finds no plan becomes a row that says why
+  (out of memory, no plan of its kind, or its time limit ran out first), never an
+  exception. `cache` holds every method's cost tables; share it only between calls on
+  the same graph and cluster.
   """
   cache = {} if cache is None else cache
-  out = []
-  for method in methods:
+  found = list(warm_start)
+  out = {}
+  for method in sorted(methods, key=lambda m: m == "uniap"):
     common = dict(model=model, cluster=cluster.name, global_batch=global_batch,
                   method=method, paper=PUBLISHED.get((cluster.name, model, method), ""))
     start = time.perf_counter()
     try:
       (row,) = baselines.compare(graph, cluster, methods=[method], global_batch=global_batch,
-                                 time_limit_s=time_limit_s, cache=cache)
+                                 time_limit_s=time_limit_s, cache=cache,
+                                 warm_start=found if method == "uniap" else ())
     except ValueError as e:  # the budget ran out before any plan, or nothing to search
       timed_out = "time_limit_s" in str(e)
-      out.append(Result(feasibility="no plan", status="time_limit" if timed_out else "no plan",
-                        search_time_s=time.perf_counter() - start,
-                        note=str(e).split(". ")[0], **common))
+      out[method] = Result(feasibility="no plan", status="time_limit" if timed_out else "no plan",
+                           search_time_s=time.perf_counter() - start,
+                           note=str(e).split(". ")[0], **common)
       continue
     except Exception as e:  # a bug in the library: one row says so, the table goes on
       logging.exception("%s on %s with %s failed", model, cluster.name, method)
-      out.append(Result(feasibility="error", status="error",
-                        search_time_s=time.perf_counter() - start,
-                        note=f"{type(e).__name__}: {e}".split("\n")[0], **common))
+      out[method] = Result(feasibility="error", status="error",
+                           search_time_s=time.perf_counter() - start,
+                           note=f"{type(e).__name__}: {e}".split("\n")[0], **common)
       continue
-    out.append(_from_row(row, **common))
-  return out
+    out[method] = _from_row(row, **common)
+    if row.plan is not None:
+      found.append(row.plan)
+  return [out[m] for m in methods]
 
 
 def _csv_value(value) -> str:
@@ -222,12 +237,35 @@ def markdown(results: Sequence[Result], *, time_limit_s: float) -> str:
         plan, cells = r.note.replace("|", "/"), ("-", "-", "-")
       # A search its budget stopped says how far from proven it is.
       status = (f"{r.status} (gap {100 * r.gap:.1f}%)"
-                if r.status == "time_limit" and math.isfinite(r.gap) else r.status)
+                if r.status.startswith("time_limit") and math.isfinite(r.gap) else r.status)
       lines.append(f"| {r.model} | {r.method} | {r.feasibility} | {' | '.join(cells)} | "
                    f"{status} | {plan} | {r.paper} |")
     lines.append("")
   lines.append(f"Predicted by UniAP's cost model; each method had {time_limit_s:g} s per "
                "model and cluster (opt. s: solver time, cost tables excluded).")
+  return "\n".join(lines)
+
+
+def uniap_against_best(results: Sequence[Result]) -> str:
+  """Per model and cluster, UniAP beside the best baseline (highest throughput), as a
+  Markdown table: the short form of the per-method tables."""
+  pairs = collections.defaultdict(dict)
+  for r in results:
+    pairs[(r.cluster, r.model)][r.method] = r
+  lines = ["| cluster | model | UniAP samples/s | UniAP status | best baseline | its samples/s |",
+           "|---|---|---:|---|---|---:|"]
+  for (cluster, model), by_method in pairs.items():
+    ours = by_method.get("uniap")
+    others = [r for m, r in by_method.items() if m != "uniap" and r.feasibility == "ok"]
+    best = max(others, key=lambda r: r.throughput, default=None)
+    if ours is None:
+      continue
+    tput = f"{ours.throughput:.2f}" if ours.feasibility == "ok" else "-"
+    status = (f"{ours.status} (gap {100 * ours.gap:.1f}%)"
+              if ours.status.startswith("time_limit") and math.isfinite(ours.gap)
+              else ours.status)
+    lines.append(f"| {cluster} | {model} | {tput} | {status} | "
+                 f"{best.method if best else '-'} | {f'{best.throughput:.2f}' if best else '-'} |")
   return "\n".join(lines)
 
 
@@ -282,17 +320,22 @@ def main(argv: Sequence[str]) -> None:
                         f"{time.perf_counter() - t0:.1f} s")
       bar.advance(task)
       for cluster in clusters:
-        t0, cache = time.perf_counter(), {}
-        for method in FLAGS.methods:
+        t0, cache, pair = time.perf_counter(), {}, {}
+        for method in sorted(FLAGS.methods, key=lambda m: m == "uniap"):  # see compare_methods
           bar.update(task, description=f"{name} on {cluster.name}: {method}")
-          results[cluster.name] += compare_methods(
+          (pair[method],) = compare_methods(
               graph, cluster, model=name, methods=[method], time_limit_s=FLAGS.time_limit_s,
-              global_batch=FLAGS.global_batch or default_global_batch(cluster), cache=cache)
+              global_batch=FLAGS.global_batch or default_global_batch(cluster), cache=cache,
+              warm_start=[r.plan for r in pair.values() if r.plan is not None])
           bar.advance(task)
+        results[cluster.name] += [pair[m] for m in FLAGS.methods]
         # Written after every pair, so that a long run cut short keeps what it found.
         write_csv(results[cluster.name], os.path.join(FLAGS.out_dir, f"{cluster.name}.csv"))
         bar.console.print(f"{name} on {cluster.name}: {time.perf_counter() - t0:.1f} s")
-  text = markdown([r for rows in results.values() for r in rows], time_limit_s=FLAGS.time_limit_s)
+  every = [r for rows in results.values() for r in rows]
+  text = markdown(every, time_limit_s=FLAGS.time_limit_s)
+  if "uniap" in FLAGS.methods and len(FLAGS.methods) > 1:
+    text += "\n\nUniAP beside the best baseline:\n\n" + uniap_against_best(every)
   md_path = os.path.join(FLAGS.out_dir, "paper_tables.md")
   with open(md_path, "w") as f:
     f.write(f"`python -m experiments.paper_tables {' '.join(sys.argv[1:])}`\n\n{text}\n")

@@ -38,7 +38,10 @@ def tiny(request):
   """A tiny zoo model compared with every method (shared by several tests)."""
   graph, args = _trace(request.param, "tiny", 32)
   cache = {}
-  rows = baselines.compare(graph, CPU8, args=args, cache=cache, **TINY_KNOBS)
+  # UniAP searches on its own here: started from the baselines' plans it could not
+  # end worse than them whatever the search did.
+  rows = baselines.compare(graph, CPU8, args=args, cache=cache, seed_from_baselines=False,
+                           **TINY_KNOBS)
   return request.param, graph, args, cache, {r.method: r for r in rows}
 
 
@@ -221,9 +224,26 @@ def test_uniform_stages_split_the_blocks_evenly():
 def test_uniap_beats_baselines_on_paper_models(name, cluster, batch):
   graph, args = _trace(name, "paper", batch)
   rows = baselines.compare(graph, cluster_lib.Cluster.preset(cluster), args=args,
-                           global_batch=batch, time_limit_s=600.0)
+                           global_batch=batch, time_limit_s=600.0, seed_from_baselines=False)
   uniap = rows[0]
   assert uniap.method == "uniap" and uniap.status == "optimal"
   for row in rows[1:]:
     if row.feasible:
       assert uniap.step_time_s <= row.step_time_s * (1 + RTOL), row.method
+
+
+def test_uniap_starts_from_the_best_baseline_plan(tiny):
+  """With a budget too short to search, UniAP returns the best baseline plan it was
+  seeded with (never a worse plan, never an error); with time, it proves one optimal."""
+  _, graph, args, cache, rows = tiny
+  best = min((r for r in rows.values() if r.feasible and r.method != "uniap"),
+             key=lambda r: r.step_time_s)
+  knobs = dict(TINY_KNOBS, time_limit_s=1e-9)
+  (seeded,) = baselines.compare(graph, CPU8, args=args, cache=cache, methods=["uniap"],
+                                warm_start=[best.plan], **knobs)
+  assert seeded.plan.solver.warm_start and seeded.status.endswith("(warm start kept)")
+  assert seeded.step_time_s == best.step_time_s
+  (full,) = baselines.compare(graph, CPU8, args=args, cache=cache, methods=["uniap"],
+                              warm_start=[best.plan], **TINY_KNOBS)
+  assert full.status.startswith("optimal")
+  assert full.step_time_s == pytest.approx(rows["uniap"].step_time_s, rel=RTOL)
