@@ -199,7 +199,8 @@ def intra_only(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
   _loop.check_pp1("intra_only", pp)
   return search.plan_graph(graph, cluster, args=args, pp=1, num_microbatches=num_microbatches,
                            schedule=schedule, memory_limit_bytes=memory_limit_bytes,
-                           time_limit_s=time_limit_s, global_batch=global_batch, cache=cache)
+                           time_limit_s=time_limit_s, global_batch=global_batch, cache=cache,
+                           objective="paper")
 
 
 def alpa(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
