@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from uniap_jax import solver
+from uniap_jax.solver import _chain_dp
 from uniap_jax.solver import _hub
+from uniap_jax.solver import _labels
 from uniap_jax.solver import _miqp
 from uniap_jax.solver import _one_stage
 from uniap_jax.solver import _tables
@@ -352,6 +354,160 @@ def test_identical_blocks_mix_candidates_under_memory():
     sorted_down.update(zip(names, sorted((sol.choice[name] for name in names), reverse=True)))
   assert independent_objective(problem, sorted_up, sol.stage)[0] > sol.objective + 1e-6
   assert independent_objective(problem, sorted_down, sol.stage)[0] > sol.objective + 1e-6
+
+
+@pytest.mark.parametrize("group_scale", [1, 10 ** 15])  # the second forces the lexsort path
+def test_pareto_keeps_exactly_the_undominated_labels(group_scale):
+  rng = np.random.default_rng(group_scale % 97)
+  for _ in range(20):
+    size = int(rng.integers(1, 300))
+    grp = rng.integers(0, 4, size) * group_scale
+    time = rng.integers(0, 12, size).astype(float)  # small integers: many exact ties
+    mem = rng.integers(0, 12, size).astype(float)
+    labels = _labels.pareto(grp, time, mem, np.arange(size), np.zeros(size, dtype=np.int64))
+    kept = {(int(g), float(t), float(m)) for g, t, m in zip(labels.grp, labels.time, labels.mem)}
+    assert len(kept) == len(labels)  # exact duplicates kept once
+    expected = {(int(g), float(t), float(m)) for g, t, m in zip(grp, time, mem)
+                if not np.any((grp == g) & (time <= t) & (mem <= m) & ((time < t) | (mem < m)))}
+    assert kept == expected
+    order = np.lexsort((labels.mem, labels.grp))
+    assert np.array_equal(order, np.arange(len(labels)))  # sorted by (group, memory)
+
+
+NUM_ONE_F_ONE_B = 140
+
+
+def one_f_one_b_problem(seed: int) -> solver.Problem:
+  """1F1B-like: memory on stage i is static + min(S - i, c) x kept activations.
+
+  Candidates share a few boundary layouts (resharding and sends depend on the layouts
+  only), as the cost model's candidates do, and half the problems repeat one block
+  between a first and a last layer. Chains only; 3-8 layers, 2-4 stages, 1-5 candidates.
+  """
+  rng = np.random.default_rng(50_000 + seed)
+  n = int(rng.integers(3, 9))
+  num_stages = int(rng.integers(2, min(4, n) + 1))
+  num_microbatches = int(rng.choice([1, 2, 3, 4, 8]))
+  counts = [int(rng.integers(1, 6)) for _ in range(n)]
+  while math.prod(counts) * math.comb(n - 1, num_stages - 1) > 40_000:  # brute force budget
+    counts[int(np.argmax(counts))] -= 1
+  blocks = rng.random() < 0.5
+  if blocks:
+    counts[1:-1] = [min(counts[1:-1])] * (n - 2)
+  integer = rng.random() < 0.3  # small integers make ties
+  draw = (lambda lo, hi, size: rng.integers(lo, hi + 1, size).astype(float)) if integer else (
+      lambda lo, hi, size: rng.uniform(lo, hi, size))
+  num_layouts = int(rng.integers(1, 4))
+  reshard = draw(0, 3, (num_layouts, num_layouts)) / 8 * (1 - np.eye(num_layouts))
+  send = draw(1, 6, (num_layouts, num_layouts)) / 8
+  kept = [min(num_stages - i, num_microbatches) for i in range(num_stages)]
+  drawn = {}
+  layers, layouts = [], []
+  for u, k in enumerate(counts):
+    key = "block" if blocks and 0 < u < n - 1 else u
+    if key not in drawn:
+      # Some candidates send a little more (their rows of cross_stage differ while
+      # same_stage rows agree), so resharding and sending group candidates differently.
+      extra = (rng.random(k) < 0.3) * 0.25
+      drawn[key] = (draw(1, 9, k) / 4, draw(1, 6, k), draw(0, 4, k) / 2,
+                    rng.integers(0, num_layouts, k), extra)
+    time, static, activations, layout, extra = drawn[key]
+    rows = [static + kept[i] * activations for i in range(num_stages)]
+    layers.append(solver.Layer(name=f"l{u}", time=time, memory=rows[0], memory_by_stage=rows))
+    layouts.append((layout, extra))
+  edges = [solver.Edge(src=f"l{u}", dst=f"l{u + 1}",
+                       same_stage=reshard[np.ix_(layouts[u][0], layouts[u + 1][0])],
+                       cross_stage=send[np.ix_(layouts[u][0], layouts[u + 1][0])]
+                       + layouts[u][1][:, None])
+           for u in range(n - 1)]
+  lean = sum(min(layer.memory_by_stage[0]) for layer in layers)
+  fraction = rng.choice([0.8, 1.0, 1.2, 1.5, 2.0, 3.0, 100.0])
+  limit = max(lean / num_stages, max(min(layer.memory_by_stage[0]) for layer in layers)) * fraction
+  return solver.Problem(layers=layers, edges=edges, num_stages=num_stages,
+                        num_microbatches=num_microbatches, memory_limit=float(limit))
+
+
+def test_one_f_one_b_problems_cover_the_cases():
+  problems = [one_f_one_b_problem(seed) for seed in range(NUM_ONE_F_ONE_B)]
+  statuses = [solver.brute_force(p).status for p in problems[:60]]
+  assert "infeasible" in statuses and "optimal" in statuses
+  assert {p.num_stages for p in problems} == {2, 3, 4}
+  # Candidates share layouts: the DP's classes are coarser than the candidates.
+  assert any(len({edge.same_stage[k] + edge.cross_stage[k] for k in range(len(edge.same_stage))})
+             < len(edge.same_stage) for p in problems for edge in p.edges)
+  # Stage memory decreases with the stage, as 1F1B keeps fewer micro-batches later.
+  assert any(l.memory_by_stage[0] != l.memory_by_stage[-1] for p in problems for l in p.layers)
+
+
+@pytest.mark.parametrize("seed", range(NUM_ONE_F_ONE_B))
+def test_one_f_one_b_matches_brute_force(seed):
+  problem = one_f_one_b_problem(seed)
+  reference = solver.brute_force(problem)
+  sol = solver.solve(problem)
+  if reference.status == "infeasible":
+    assert sol.status == "infeasible" and not sol.choice
+    assert sol.min_peak_memory == pytest.approx(reference.min_peak_memory, rel=1e-9)
+    return
+  assert sol.status == "optimal", sol
+  check_assignment_shape(problem, sol)
+  objective, fits = independent_objective(problem, sol.choice, sol.stage)
+  assert fits and objective == pytest.approx(sol.objective, rel=1e-9)
+  assert sol.objective == pytest.approx(reference.objective, rel=1e-6)
+  # The per-stage partition bound holds for the optimum: objective, peak and sum.
+  bound = _tables.partition_bound(_tables.build(problem))
+  assert bound.objective <= reference.objective * (1 + 1e-9)
+  stage_times = reference.stage_times + reference.send_times
+  assert bound.peak <= max(reference.stage_times) * (1 + 1e-9)
+  assert bound.total <= sum(stage_times) * (1 + 1e-9)
+  at_optimum = solver.solve(problem, incumbent=reference.objective)
+  assert at_optimum.status == "cutoff" and at_optimum.bound <= reference.objective * (1 + 1e-9)
+  # Where stages may start and end: the optimum's boundaries are never ruled out.
+  tables = _tables.build(problem)
+  before, after = _tables.stage_reach(tables)
+  stage = [reference.stage[layer.name] for layer in problem.layers]
+  starts = [stage.index(i) for i in range(problem.num_stages)]
+  ends = starts[1:] + [len(stage)]
+  p = reference.stage_times
+  for i in range(problem.num_stages):
+    assert before[i, starts[i]] <= max(p[:i], default=0.0) * (1 + 1e-9)
+    assert after[i, ends[i]] <= max(p[i + 1:], default=0.0) * (1 + 1e-9)
+  dp = _chain_dp.ChainDP(tables, upper_bound=reference.objective, deadline=math.inf)
+  dp._reach()
+  assert all(dp.start_ok[i, starts[i]] and dp.end_ok[i, ends[i]] for i in range(problem.num_stages))
+
+
+@pytest.mark.parametrize("num_stages,num_microbatches", [(3, 2), (3, 8), (4, 4), (4, 16)])
+def test_one_f_one_b_chain_dp_matches_scip(num_stages, num_microbatches):
+  # Ten identical blocks with layouts (two candidates share one), 1F1B memory.
+  kept = [min(num_stages - i, num_microbatches) for i in range(num_stages)]
+  layout = np.array([0, 0, 1])
+  reshard = np.array([[0.0, 0.35], [0.2, 0.0]])
+  send = np.array([[0.4, 0.8], [0.7, 0.3]])
+  static, activations = np.array([2.0, 1.0, 1.5]), np.array([1.5, 2.5, 0.5])
+  rows = [(static + k * activations).tolist() for k in kept]
+  layers = [solver.Layer(name="embed", time=[0.6], memory=[1.0], memory_by_stage=[[1.0]] * num_stages)]
+  layers += [solver.Layer(name=f"block{i}", time=[1.0, 0.8, 1.7], memory=rows[0], memory_by_stage=rows)
+             for i in range(10)]
+  layers.append(solver.Layer(name="head", time=[0.9, 1.3], memory=[2.0, 1.0],
+                             memory_by_stage=[[2.0, 1.0]] * num_stages))
+  names = [layer.name for layer in layers]
+  layouts = [np.array([0])] + [layout] * 10 + [np.array([0, 1])]
+  edges = [solver.Edge(src=names[u], dst=names[u + 1],
+                       same_stage=reshard[np.ix_(layouts[u], layouts[u + 1])],
+                       cross_stage=send[np.ix_(layouts[u], layouts[u + 1])])
+           for u in range(len(layers) - 1)]
+  lean = sum(min(row) for row in rows[-1:]) * 10 / num_stages
+  problem = solver.Problem(layers=layers, edges=edges, num_stages=num_stages,
+                           num_microbatches=num_microbatches, memory_limit=1.3 * lean + 3.0)
+  dp = solver.solve(problem, method="dp")
+  scip = solver.solve(problem, method="miqp")
+  assert dp.method == "chain_dp" and scip.method == "miqp"
+  assert dp.status == scip.status == "optimal"
+  assert dp.objective == pytest.approx(scip.objective, rel=1e-7)
+  assert independent_objective(problem, dp.choice, dp.stage) == (pytest.approx(dp.objective), True)
+  # The memory limit binds: stage 0 (most micro-batches kept) cannot take the fastest
+  # candidate everywhere.
+  assert max(dp.stage_memory) > 0.8 * problem.memory_limit
 
 
 @pytest.mark.parametrize("method", ["auto", "miqp"])

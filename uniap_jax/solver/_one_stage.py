@@ -15,7 +15,7 @@ import time as time_lib
 
 import numpy as np
 
-from uniap_jax.solver import _chain_dp
+from uniap_jax.solver import _labels
 from uniap_jax.solver import _tables
 
 # Carried candidates are packed into one int64 per label: at most this many digits.
@@ -84,7 +84,7 @@ def solve_one_stage(tables: _tables.Tables, *, upper_bound: float, incumbent, de
       digit = new_cand if u == q else np.repeat(digits[:, before.index(u)], kmax)
       new_grp += digit * kmax ** position
     ok = prune(new_time, new_mem, q)
-    labels = _chain_dp._pareto(new_grp[ok], new_time[ok], new_mem[ok], parent[ok], new_cand[ok])
+    labels = _labels.pareto(new_grp[ok], new_time[ok], new_mem[ok], parent[ok], new_cand[ok])
     steps.append(tuple(labels))
     if len(labels.time) == 0:
       break

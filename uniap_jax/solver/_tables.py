@@ -270,12 +270,13 @@ def time_bound(time: np.ndarray, memory: np.ndarray, budget: float) -> TimeBound
   return TimeBound(lean=lean, points=points, envelope=envelope)
 
 
-def trivial_bound(tables: Tables) -> float:
-  """A lower bound on the objective from per-layer times and the total memory.
+def trivial_bound(tables: Tables, partition: PartitionBound | None = None) -> float:
+  """A lower bound on the objective from per-layer times and memory.
 
   All layers' time is at least their Lagrangian bound within num_stages * budget of
   memory (at least the fastest candidates' sum), the slowest stage takes at least its
-  1 / num_stages share and at least the slowest layer's fastest time.
+  1 / num_stages share and at least the slowest layer's fastest time; and at least
+  `partition_bound`, which bounds each stage within its own memory.
   """
   fastest = tables.time.min(axis=1)
   total = float(fastest.sum())
@@ -283,7 +284,138 @@ def trivial_bound(tables: Tables) -> float:
     bound = time_bound(tables.time, tables.memory.min(axis=0), tables.budget)
     total = max(total, float(bound(np.array([tables.num_stages * tables.budget]))[0]))
   bottleneck = max(float(fastest.max()), total / tables.num_stages)
-  return total + (tables.num_microbatches - 1) * bottleneck
+  simple = total + (tables.num_microbatches - 1) * bottleneck
+  if partition is None:
+    partition = partition_bound(tables)
+  return max(simple, partition.objective)
+
+
+class PartitionBound(NamedTuple):
+  """Lower bounds that hold for every assignment (see `partition_bound`)."""
+
+  objective: float
+  peak: float  # on the slowest stage's time, max_i p_i
+  total: float  # on sum_i p_i + sum_j o_j
+  segments: tuple[np.ndarray, ...] | None  # per stage, its `segment_bounds` (shared when equal)
+
+
+# What `trivial_bound` and the chain DP use when the partition bound is skipped.
+NO_PARTITION_BOUND = PartitionBound(objective=0.0, peak=0.0, total=0.0, segments=None)
+
+# Relative slack taken off the partition bound: its prefix sums round differently from
+# the sums an assignment's evaluation takes.
+_BOUND_SLACK = 1e-11
+# Segments ([n + 1, n + 1] entries) up to which segment bounds use the fine weight grid;
+# also the most entries one vectorised pass over weights holds.
+_GRID_WORK = 300 ** 2
+
+
+def segment_bounds(tables: Tables, stage: int) -> np.ndarray:
+  """f[a, b]: a lower bound on stage `stage`'s time p if it holds layers [a, b).
+
+  f = max over w >= 0 of sum_u min_k (t + w m) - w * budget (its memory on that stage
+  is at most budget; w = 0 gives the fastest candidates), infinite when the layers'
+  leanest candidates overflow the budget, and for empty segments (b <= a).
+  """
+  n, budget = tables.n, tables.budget
+  time = tables.time
+  fastest = time.min(axis=1)
+  fastest_prefix = np.concatenate([[0.0], np.cumsum(fastest)])
+  index = np.arange(n + 1)
+  memory = tables.memory[stage]
+  usable = np.isfinite(time) & (memory <= budget)
+  f = fastest_prefix[None, :] - fastest_prefix[:, None]
+  if np.isfinite(budget) and usable.any():
+    span = np.ptp(memory[usable])
+    scale = np.ptp(time[usable]) / span if span > 0 else 0.0
+    # A geometric grid around the ratio of the time and memory spreads, finer while
+    # the work (one pass over [n + 1, n + 1] per weight) stays small.
+    step = 0.25 if n * n <= _GRID_WORK else 1.0
+    weights = scale * 2.0 ** np.arange(-16, 16 + step / 2, step) if scale > 0 else np.zeros(0)
+    if usable.sum(axis=1).max() <= 1:  # one candidate per layer: the weight changes nothing
+      weights = np.zeros(0)
+    fits = usable.any(axis=1)  # layers with a candidate within the budget here
+    misfit_prefix = np.concatenate([[0], np.cumsum(~fits)])
+    lean = np.where(usable, memory, np.inf).min(axis=1)
+    lean_prefix = np.concatenate([[0.0], np.cumsum(np.where(fits, lean, 0.0))])
+    safe_memory = np.where(usable, memory, 0.0)
+    chunk = max(1, _GRID_WORK // ((n + 1) * (n + 1)))  # weights per vectorised pass
+    for lo in range(0, len(weights), chunk):
+      w = weights[lo:lo + chunk]
+      cost = np.where(usable[None], time[None] + w[:, None, None] * safe_memory[None], np.inf)
+      cost = np.where(fits[None], cost.min(axis=2), 0.0)  # [weights, n]
+      prefix = np.concatenate([np.zeros((len(w), 1)), np.cumsum(cost, axis=1)], axis=1)
+      # Less a bound on the rounding of these sums, which cancel when w is large.
+      error = 4 * np.finfo(np.float64).eps * (n + 2) * (prefix[:, -1] + w * budget)
+      dual = prefix[:, None, :] - prefix[:, :, None] - (w * budget + error)[:, None, None]
+      np.maximum(f, dual.max(axis=0), out=f)
+    infeasible = misfit_prefix[None, :] - misfit_prefix[:, None] > 0
+    infeasible |= lean_prefix[None, :] - lean_prefix[:, None] > budget * (1 + _BOUND_SLACK)
+    f[infeasible] = np.inf
+  empty = index[:, None] >= index[None, :]
+  return np.where(empty, np.inf, np.maximum(f, 0.0) * (1 - _BOUND_SLACK))
+
+
+def partition_bound(tables: Tables) -> PartitionBound:
+  """Bounds from stage-by-stage Lagrangian bounds and the best contiguous partition.
+
+  If stage i holds layers [a, b), its time p_i is at least f_i(a, b) of
+  `segment_bounds` (its memory on stage i is bounded on its own). So over every
+  partition into contiguous stages, max_i p_i >= min over partitions of max_i f_i and
+  sum_i p_i >= min over partitions of sum_i f_i (two O(S n^2) dynamic programs), and
+  the objective is at least the second plus (c - 1) times the first. Unlike
+  `time_bound` over all layers, each stage's memory is bounded on its own, which is
+  what binds when stages hold different amounts (1F1B) or memory is tight.
+  """
+  n = tables.n
+  segments = all_segment_bounds(tables)
+  best_max = best_sum = None  # [b]: stages 0..i on layers [0, b)
+  for i, f in enumerate(segments):
+    if i == 0:
+      best_max, best_sum = f[0].copy(), f[0].copy()
+    else:
+      best_max = np.maximum(best_max[:, None], f).min(axis=0)
+      best_sum = (best_sum[:, None] + f).min(axis=0)
+  peak, total = float(best_max[n]), float(best_sum[n])
+  if not (np.isfinite(peak) and np.isfinite(total)):
+    return PartitionBound(objective=np.inf, peak=np.inf, total=np.inf, segments=segments)
+  return PartitionBound(objective=total + (tables.num_microbatches - 1) * peak, peak=peak,
+                        total=total, segments=segments)
+
+
+def all_segment_bounds(tables: Tables) -> tuple[np.ndarray, ...]:
+  """`segment_bounds` of every stage, computed once per distinct memory table."""
+  done: dict[bytes, np.ndarray] = {}
+  out = []
+  for i in range(tables.num_stages):
+    key = tables.memory[i].tobytes()
+    if key not in done:
+      done[key] = segment_bounds(tables, i)
+    out.append(done[key])
+  return tuple(out)
+
+
+def stage_reach(tables: Tables, segments: tuple[np.ndarray, ...] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """How slow the stages around stage i must be, by where stage i starts and ends.
+
+  before[i, a]: a lower bound on max_{j < i} p_j when stage i starts at layer a (stages
+  0..i-1 hold [0, a)); after[i, b]: on max_{j > i} p_j when stage i ends at b. Both
+  from `segment_bounds` (`segments`, if already computed) by min-max partition DPs;
+  inf where no partition exists.
+  """
+  n, num_stages = tables.n, tables.num_stages
+  if segments is None:
+    segments = all_segment_bounds(tables)
+  before = np.full((num_stages, n + 1), np.inf)
+  after = np.full((num_stages, n + 1), np.inf)
+  before[0, 0] = 0.0
+  after[num_stages - 1, n] = 0.0
+  for i in range(1, num_stages):
+    before[i] = np.maximum(before[i - 1][:, None], segments[i - 1]).min(axis=0)
+  for i in range(num_stages - 2, -1, -1):
+    after[i] = np.maximum(segments[i + 1], after[i + 1][None, :]).min(axis=1)
+  return before, after
 
 
 def evaluate(tables: Tables, stages: np.ndarray, choice: np.ndarray):
