@@ -158,7 +158,11 @@ class Plan:
     param_specs: one pytree of PartitionSpec per non-batch argument.
     batch_specs: one pytree of PartitionSpec per batch argument.
     leaf_specs: the same specs flat: (argument index, leaf path, spec), sorted.
-    activation_specs: boundary value between layers ("src->dst") -> its spec.
+    activation_specs: layouts `apply` pins with sharding constraints: the boundary
+      value between layers ("src->dst") as its producer lays it out, and as its
+      consumer takes it ("dst<-src"); inside a layer, a submodule call's output (its
+      path, "blocks/0/attn/q") and arguments entering one ("path<-src", "path<-"
+      when the layer's own code made it); see `uniap_jax.search._pins`.
     layers: per layer: stage, strategy, time and memory.
     predicted: the cost model's predictions.
     solver: the solver's status, gap and time.

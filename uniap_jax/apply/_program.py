@@ -128,16 +128,22 @@ def _is_stand(x) -> bool:
 
 
 def invoke(module: nnx.Module, method: str, args: Sequence[Any], kwargs: dict[str, Any], *,
-           remat: bool = False) -> Any:
+           remat: bool = False,
+           runner: Callable[[nnx.Module, str, Sequence[Any], dict[str, Any]], Any] | None = None
+           ) -> Any:
   """Calls `module.method(*args, **kwargs)`; with `remat`, as activation recomputation.
 
   With `remat` the call runs inside `nnx.remat` (`jax.checkpoint`) with the default
   policy: the backward pass keeps only the call's inputs (parameters and array
   arguments) and runs the call's forward again (the part of it the backward reads,
   collectives included) before differentiating it. Non-array arguments stay static.
+  `runner(module, method, args, kwargs)`, when given, makes the call instead of
+  `getattr(module, method)(...)` (e.g. `call_through` to see inside it).
   """
+  if runner is None:
+    runner = lambda mod, name, a, kw: getattr(mod, name)(*a, **kw)
   if not remat:
-    return getattr(module, method)(*args, **kwargs)
+    return runner(module, method, args, kwargs)
   leaves, treedef = jax.tree.flatten((args, kwargs))
   dynamic = [i for i, x in enumerate(leaves) if _is_array(x)]
 
@@ -146,8 +152,24 @@ def invoke(module: nnx.Module, method: str, args: Sequence[Any], kwargs: dict[st
     for i, x in zip(dynamic, values):
       full[i] = x
     a, kw = jax.tree.unflatten(treedef, full)
-    return getattr(mod, method)(*a, **kw)
+    return runner(mod, method, a, kw)
   return nnx.remat(run)(module, [leaves[i] for i in dynamic])
+
+
+def call_through(module: nnx.Module, method: str, args: Sequence[Any], kwargs: dict[str, Any],
+                 icpt: Any, path: str) -> Any:
+  """Runs `module.method` with its own submodule calls going to `icpt` as `path/...`.
+
+  The method's code runs with `self` replaced by a proxy (as the root forward does),
+  so that calls of the module's submodules (`self.attn.q(x)`) reach the interceptor
+  under their full module paths. Falls back to a plain call (nothing inside it
+  intercepted) where the method is not plain Python code on the class (a builtin, a
+  staticmethod) or uses `super()`, which needs the real `self`.
+  """
+  fn = inspect.getattr_static(type(module), method, None)
+  if not isinstance(fn, types.FunctionType) or "__class__" in fn.__code__.co_freevars:
+    return getattr(module, method)(*args, **kwargs)
+  return fn(_LayerProxy(module, icpt, path), *args, **kwargs)
 
 
 # --- proxies -----------------------------------------------------------------------------
@@ -231,24 +253,43 @@ def _wrap_or(value, path, icpt):
 
 
 class RootProxy:
-  """`self` of the root forward: submodules and Variables wrapped, methods bound to the proxy."""
+  """`self` of the root forward: submodules and Variables wrapped, methods bound to the proxy.
 
-  def __init__(self, real, icpt):
+  `prefix` is the module path of the wrapped module (empty for the root): its
+  submodules are reported to the interceptor as `prefix/name`.
+  """
+
+  def __init__(self, real, icpt, prefix: str = ""):
     object.__setattr__(self, "_real", real)
     object.__setattr__(self, "_icpt", icpt)
+    object.__setattr__(self, "_prefix", prefix)
 
   def __getattr__(self, name):
     real = object.__getattribute__(self, "_real")
-    static = inspect.getattr_static(type(real), name, None)
+    # An instance attribute shadows the class's (e.g. a function stored on the module).
+    own = getattr(real, "__dict__", {})
+    static = None if name in own else inspect.getattr_static(type(real), name, None)
     if isinstance(static, types.FunctionType):
       return types.MethodType(static, self)
     if isinstance(static, property):
       return static.fget(self)
-    return _wrap_or(getattr(real, name), name, object.__getattribute__(self, "_icpt"))
+    prefix = object.__getattribute__(self, "_prefix")
+    return _wrap_or(getattr(real, name), f"{prefix}/{name}" if prefix else name,
+                    object.__getattribute__(self, "_icpt"))
 
   def __setattr__(self, name, value):
     raise NotImplementedError(
         f"The model's forward sets self.{name}; a pipelined forward must not change the model.")
+
+
+class _LayerProxy(RootProxy):
+  """`self` of a layer whose submodule calls are intercepted (`call_through`).
+
+  Unlike the root, the layer runs for real: what it sets on itself lands on the module.
+  """
+
+  def __setattr__(self, name, value):
+    setattr(object.__getattribute__(self, "_real"), name, value)
 
 
 # --- recording -----------------------------------------------------------------------------
@@ -508,23 +549,40 @@ def run_stage(program: Program, root: nnx.Module, forward: Callable[..., Any],
 
 def transparent_forward(root: nnx.Module, forward: Callable[..., Any], args: Sequence[Any],
                         kwargs: dict[str, Any], after_call: Callable[[str, Any], Any],
-                        remat: Callable[[str], bool] = lambda name: False) -> Any:
+                        remat: Callable[[str], bool] = lambda name: False, *,
+                        before_call: Callable[..., Any] | None = None,
+                        descend: Callable[[str], bool] = lambda name: False) -> Any:
   """Runs the forward for real, passing each submodule call's output through `after_call`.
 
-  A call recomputes its activations (`invoke`) when `remat(layer)` holds for its layer
-  name: the module path for its first call, "path@k" for the k-th call after it (the
-  tracer's names for a module called again).
+  A call is named by its module path for its first call, "path@k" for the k-th call
+  after it (the tracer's names for a module called again). It recomputes its
+  activations (`invoke`) when `remat(name)` holds. With `before_call`, its arguments
+  first go through `before_call(name, args, kwargs, producer)` (which returns new
+  `(args, kwargs)`), where `producer(x)` names the call whose output array `x` is
+  ("" for a parameter the forward read, None when unknown: an input or a value
+  the forward computed). When `descend(name)` holds, the call's own submodule calls
+  are intercepted too (`call_through`), under their full module paths.
   """
-  return forward(RootProxy(root, _Transparent(after_call, remat)), *args, **kwargs)
+  icpt = _Transparent(after_call, remat, before_call, descend)
+  return forward(RootProxy(root, icpt), *args, **kwargs)
 
 
 class _Transparent:
-  def __init__(self, after_call, remat):
+  def __init__(self, after_call, remat, before_call=None, descend=lambda name: False):
     self.after_call, self.remat = after_call, remat
+    self.before_call, self.descend = before_call, descend
     self.seen: dict[str, int] = {}
+    # id of an array -> (the array, kept alive so the id stays its own; its producer).
+    self.made: dict[int, tuple[Any, str]] = {}
+
+  def _producer(self, x) -> str | None:
+    got = self.made.get(id(x))
+    return got[1] if got is not None and got[0] is x else None
 
   def param(self, path, var):
-    return var.get_value()
+    value = var.get_value()
+    self.made[id(value)] = (value, "")
+    return value
 
   def param_index(self, path, var, key):
     return var[key]
@@ -532,8 +590,17 @@ class _Transparent:
   def call(self, path, real, method, args, kwargs):
     k = self.seen.get(path, 0)
     self.seen[path] = k + 1
-    remat = self.remat(path if k == 0 else f"{path}@{k}")
-    return self.after_call(path, invoke(real, method, args, kwargs, remat=remat))
+    name = path if k == 0 else f"{path}@{k}"
+    if self.before_call is not None:
+      args, kwargs = self.before_call(name, args, kwargs, self._producer)
+    runner = None
+    if self.descend(name):
+      runner = lambda mod, m, a, kw: call_through(mod, m, a, kw, self, path)
+    out = self.after_call(name, invoke(real, method, args, kwargs, remat=self.remat(name),
+                                       runner=runner))
+    for leaf in jax.tree.leaves(out):
+      self.made[id(leaf)] = (leaf, name)
+    return out
 
 
 class _Collector:

@@ -186,10 +186,12 @@ class UniformStage:
       args, kwargs = jax.tree.unflatten(template.arg_treedef, arg_leaves)
       kind = layout.kinds[pos.kind]
       out = _program.invoke(module, kind.method, args, kwargs, remat=kind.remat)
-      names = {program.calls[c].name for c in pos.calls if c is not None}
-      if len(names) == 1:
-        out = self.constrain(names.pop(), out)
-      outs[p] = [jnp.where(on, o, jnp.zeros_like(o)) for o in jax.tree.leaves(out)]
+      names = sorted({program.calls[c].name for c in pos.calls if c is not None})
+      out = self.constrain(names, out)
+      # Again after the mask: the masked value is what later positions and the send
+      # buffers read, and XLA would otherwise lay it out for one of its readers.
+      outs[p] = self.constrain(names, [jnp.where(on, o, jnp.zeros_like(o))
+                                       for o in jax.tree.leaves(out)])
 
     send = []
     for j, aval in enumerate(layout.slot_avals):
@@ -198,7 +200,11 @@ class UniformStage:
         src = next((self._source(r, s) for r, jj in layout.boundaries[s] if jj == j), None) if (
             s < num_stages - 1) else None
         cands.append(None if src is None else value(src))
-      send.append(pick(cands, aval))
+      # The buffer keeps the layout its values have where they are made, the one the
+      # cost model sends (XLA would otherwise pick one, e.g. split over an automatic axis).
+      names = sorted({program.calls[r.call].name for s in range(num_stages - 1)
+                      for r, jj in layout.boundaries[s] if jj == j})
+      send.append(self.constrain(names, pick(cands, aval)) if names else pick(cands, aval))
     last = num_stages - 1
     final = []
     for leaf, real, aval in zip(program.ret_leaves, ret_leaves, layout.final_avals):

@@ -9,7 +9,10 @@ plan says.
 
 While the core is traced, the root model's `__call__` is replaced (for that trace only)
 by the plan's forward: with one stage and one micro-batch, the model's own forward with
-layer-boundary activations constrained; otherwise the pipeline of `_pipeline.py`. The
+the layouts the plan names constrained (`_Pins`: each layer's output; where a
+boundary's consumer takes the value in another layout, its input too, so that the
+reshard happens at the edge; and outputs of submodule calls inside a layer, whose
+calls are then intercepted as well); otherwise the pipeline of `_pipeline.py`. The
 user's loss, `nnx.value_and_grad` and optimizer run unchanged around it. Either way,
 the calls of the layers the plan recomputes (`LayerPlan.recompute`, the candidates
 named "... +remat") run under `jax.checkpoint` (`_program.invoke`), so that their
@@ -123,6 +126,7 @@ class AppliedStep:
     self.donate, self.bubble_value = donate, bubble_value
     # Layers whose activations the plan recomputes (their calls run under jax.checkpoint).
     self.recomputed = frozenset(l.name for l in plan.layers if l.recompute)
+    self._pins = _Pins.of(plan.activation_specs)
     self._cache: dict[Any, _Prepared] = {}
     self.__wrapped__ = step
 
@@ -358,11 +362,17 @@ class AppliedStep:
         del root_cls.__call__
 
   def _activation_spec(self, name: str, drop: Sequence[str]) -> P | None:
-    for key in sorted(self.plan.activation_specs):
-      if key.split("->")[0] == name:
-        spec = self.plan.activation_specs[key]
-        return P(*[_drop_axes(e, drop) for e in spec])
-    return None
+    """The layout the plan gives the output of call `name`, without the `drop` axes."""
+    spec = self._pins.outputs.get(name)
+    return None if spec is None else P(*[_drop_axes(e, drop) for e in spec])
+
+  def _fits(self, x, spec: P) -> bool:
+    """Whether `spec` can lay out array `x` (rank and divisibility)."""
+    if not hasattr(x, "ndim") or len(spec) > x.ndim:
+      return False
+    sizes = self.mesh.shape
+    return all(x.shape[d] % math.prod(sizes[a] for a in _mesh.spec_axes(e)) == 0
+               for d, e in enumerate(spec))
 
   def _constrain(self, name, out, drop=(), use_mesh=True):
     spec = self._activation_spec(name, drop)
@@ -370,18 +380,111 @@ class AppliedStep:
       return out
 
     def one(x):
-      if not hasattr(x, "ndim") or len(spec) > x.ndim:
+      if not self._fits(x, spec):
         return x
       target = NamedSharding(self.mesh, spec) if use_mesh else spec
       return jax.lax.with_sharding_constraint(x, target)
     return jax.tree.map(one, out)
 
+  def _constrain_inputs(self, name, args, kwargs, producer):
+    """Lays out the arguments of call `name` as its layer's candidate takes them.
+
+    Where a boundary's two sides are laid out differently, the value is constrained
+    twice: to the producer's layout at its output (`_constrain`) and to the
+    consumer's here, so that XLA reshards it at the edge, as the cost model charges
+    it, instead of carrying the producer's layout into the consumer. The argument is
+    found by which call produced it; an argument the forward computed itself (a sum
+    with a position table, say) is taken when it is the only array argument of
+    unknown origin that the spec fits. It is constrained to the producer's layout
+    first, as the cost model counts the forward's code between two calls in the
+    producer's layer.
+    """
+    wanted = self._pins.inputs.get(name)
+    if not wanted:
+      return args, kwargs
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    targets, unknown, left = {}, [], dict(wanted)
+    for i, x in enumerate(leaves):
+      if not _program._is_array(x):
+        continue
+      src = producer(x)
+      if src == "":  # a parameter the forward read
+        continue
+      if src is None:
+        unknown.append(i)
+      elif src in wanted:
+        targets[i] = src
+        left.pop(src, None)
+    if len(left) == 1:
+      src = next(iter(left))
+      fitting = [i for i in unknown if self._fits(leaves[i], wanted[src])]
+      if len(fitting) == 1:
+        targets[fitting[0]] = src
+    for i, src in targets.items():
+      # First in the producer's layout (code of the forward between the two calls,
+      # such as adding a position table, belongs to the producer's layer), then in
+      # the consumer's.
+      for spec in (self._pins.outputs.get(src), wanted[src]):
+        if spec is not None and self._fits(leaves[i], spec):
+          leaves[i] = jax.lax.with_sharding_constraint(leaves[i],
+                                                       NamedSharding(self.mesh, spec))
+    return jax.tree.unflatten(treedef, leaves)
+
   def _plan_forward(self, model, forward, root_arg, args, kwargs):
     if not self._pipelined():
-      return _program.transparent_forward(model, forward, args, kwargs,
-                                          lambda name, out: self._constrain(name, out),
-                                          remat=lambda name: name in self.recomputed)
+      pins = self._pins
+      return _program.transparent_forward(
+          model, forward, args, kwargs, lambda name, out: self._constrain(name, out),
+          remat=lambda name: name in self.recomputed, before_call=self._constrain_inputs,
+          descend=lambda name: name.split("@")[0] in pins.enclosing)
     return _run_pipelined(self, model, forward, root_arg, args, kwargs)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class _Pins:
+  """The plan's `activation_specs`, read by call name.
+
+  Keys: "src->dst", the layout of layer src's output (the boundary value as its
+  producer's candidate lays it out); "dst<-src", the layout in which layer dst's
+  candidate takes that value; a plain module path ("blocks/3/attn/q"), the output of
+  that submodule call inside a layer, as the layer's candidate lays it out (the
+  cost model's internal layouts, `strategies.value_layouts`, where XLA's own
+  propagation could choose others); "path<-src" for such a call takes an argument
+  from call src, "path<-" one its caller's own code computed (an attention's
+  context before its output projection, say).
+
+  Attributes:
+    outputs: call name -> layout of its output.
+    inputs: call name -> {producing call -> layout in which the call takes its output}.
+    enclosing: module paths with pinned calls below them: their calls run with
+      their own submodule calls intercepted (`_program.call_through`).
+  """
+
+  outputs: dict[str, P]
+  inputs: dict[str, dict[str, P]]
+  enclosing: frozenset[str]
+
+  @classmethod
+  def of(cls, activation_specs) -> _Pins:
+    outputs, inputs, named = {}, {}, set()
+    for key in sorted(activation_specs):
+      spec = activation_specs[key]
+      if "->" in key:
+        src, _ = key.split("->", 1)
+        outputs.setdefault(src, spec)
+        named.add(src)
+      elif "<-" in key:
+        dst, src = key.split("<-", 1)
+        inputs.setdefault(dst, {})[src] = spec
+        named.add(dst)
+      else:
+        outputs[key] = spec
+        named.add(key)
+    enclosing = set()
+    for name in named:
+      parts = name.split("@")[0].split("/")
+      enclosing.update("/".join(parts[:k]) for k in range(1, len(parts)))
+    return cls(outputs=outputs, inputs=inputs, enclosing=frozenset(enclosing))
 
 
 def _drop_axes(entry, drop):
@@ -547,8 +650,13 @@ def _run_pipelined(applied: AppliedStep, model, forward, root_arg, args, kwargs)
           "leading dim.")
   manual = ((_mesh.PIPELINE_AXIS,) if num_stages > 1 else ()) + dp_manual
 
-  def constrain(name, out):
-    return applied._constrain(name, out, drop=manual, use_mesh=not manual)
+  def constrain(names, out):
+    # A layer position of the uniform body runs a different call on each stage: its
+    # output is constrained when the plan lays out all of them alike.
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if len({applied._activation_spec(n, manual) for n in names}) != 1:
+      return out
+    return applied._constrain(names[0], out, drop=manual, use_mesh=not manual)
   if applied.dispatch == "uniform":
     uniform = _stages.UniformStage(layout, model, forward, rebuild, constrain, manual)
     stage_fns = ()

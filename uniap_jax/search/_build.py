@@ -16,6 +16,7 @@ from uniap_jax import cost
 from uniap_jax import graph as graph_lib
 from uniap_jax import plans
 from uniap_jax import solver
+from uniap_jax.search import _pins
 from uniap_jax.search._configs import Config
 
 
@@ -53,6 +54,7 @@ def build_plan(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config
       if v in specs:
         activation_specs[f"{e.src}->{e.dst}"] = PartitionSpec(*specs[v])
         break
+  activation_specs.update(_pins.pins(graph, tables, sol.choice))
   return plans.Plan(
       mesh_axes=mesh_axes, stages=stages, num_microbatches=config.num_microbatches,
       schedule=config.schedule,
