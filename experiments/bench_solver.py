@@ -18,7 +18,8 @@ the best objective so far passed as `incumbent`), and the same loops with every
 configuration solved to optimality (no incumbent). "devices": the 80-block model's
 outer loop on 8 to 1024 devices. "scaling": single problems, N = 8..128 blocks.
 "dag": the T5-like DAG (one source layer feeds every decoder block: the chain DPs with
-that layer's candidate fixed, SCIP only where their bound does not meet). "zoo": a zoo
+that layer's candidate classes fixed by a branch and bound, SCIP only where their bound
+does not meet). "zoo": a zoo
 model's real cost tables (traced and costed here, not timed), one Problem per
 configuration of the outer loop, each solved alone (no incumbent). --cross_check
 re-solves the smaller scaling and dag problems with SCIP alone (method="miqp") and

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from uniap_jax import solver
-from uniap_jax.solver import _chain_dp
+from uniap_jax.solver import _chain_sweeps
 from uniap_jax.solver import _hub
 from uniap_jax.solver import _labels
 from uniap_jax.solver import _miqp
@@ -226,6 +226,100 @@ def test_hub_bounds_and_assignments_are_valid():
     assert proof.bound >= proof.objective * (1 - 1e-6)
     methods.append(solver.solve(problem).method)
   assert methods.count("hub_dp") >= len(methods) // 4  # the DPs alone prove a good share
+
+
+NUM_MULTI = 100
+NUM_MULTI_FAST = 25  # the other seeds are marked slow: `pytest -m slow`
+
+
+def multi_source_problem(seed: int) -> tuple[solver.Problem, dict[int, str]]:
+  """7-9 layers, 2-4 stages, skip edges from 4-6 sources (T5: encoder output, position
+  biases, shared embedding). A source's skip tables are constant, equal in every row
+  (one layout for all its candidates), or free. Returns the problem and each source's kind."""
+  rng = np.random.default_rng(9000 + seed)
+  n = int(rng.integers(7, 10))
+  num_stages = int(rng.integers(2, 5))
+  counts = [int(rng.integers(1, 4)) for _ in range(n)]
+  while math.prod(counts) * math.comb(n - 1, num_stages - 1) > 6_000:  # brute force budget
+    counts[int(np.argmax(counts))] -= 1
+  draw = lambda lo, hi, size: rng.integers(lo, hi + 1, size).astype(float)
+  layers = [solver.Layer(name=f"l{u}", time=draw(1, 9, k) / 4, memory=draw(1, 10, k))
+            for u, k in enumerate(counts)]
+  pairs = {(u, u + 1) for u in range(n - 1) if rng.random() < 0.9}
+  num_sources = int(rng.integers(4, 7))
+  sources = sorted(int(s) for s in rng.choice(n - 2, size=min(num_sources, n - 2), replace=False))
+  kinds = {s: str(rng.choice(["constant", "rows", "free"])) for s in sources}
+  tables = {}
+  for source in sources:
+    targets = [v for v in range(source + 2, n) if rng.random() < 0.6]
+    for v in targets or [int(rng.integers(source + 2, n))]:
+      pairs.add((source, v))
+  for u, v in sorted(pairs):
+    shape = (counts[u], counts[v])
+    same = draw(0, 3, shape) / 8 * (rng.random(shape) < 0.7)
+    cross = draw(0, 6, shape) / 8
+    if v > u + 1 and kinds[u] == "constant":
+      same, cross = np.full(shape, same[0, 0]), np.full(shape, cross[0, 0])
+    elif v > u + 1 and kinds[u] == "rows":
+      same, cross = np.repeat(same[:1], counts[u], axis=0), np.repeat(cross[:1], counts[u], axis=0)
+    tables[u, v] = (same, cross)
+  edges = [solver.Edge(src=f"l{u}", dst=f"l{v}", same_stage=same, cross_stage=cross)
+           for (u, v), (same, cross) in tables.items()]
+  lean = sum(min(l.memory) for l in layers)
+  limit = max(lean / num_stages, max(min(l.memory) for l in layers)) * rng.choice([0.9, 1.1, 1.5, 3.0, 100.0])
+  problem = solver.Problem(layers=layers, edges=edges, num_stages=num_stages,
+                           num_microbatches=int(rng.choice([1, 2, 8])), memory_limit=float(limit))
+  return problem, kinds
+
+
+def test_multi_source_problems_cover_kinds():
+  count = 0
+  for seed in range(NUM_MULTI):
+    problem, kinds = multi_source_problem(seed)
+    tables = _tables.build(problem)  # unpruned: every candidate still there
+    assert len(_hub._sources(tables)) >= 4
+    for s, kind in kinds.items():
+      if kind != "free":  # rows that agree make one class: nothing to enumerate
+        assert len(_hub._classes(tables, s)) == 1
+    count += any(len(_hub._classes(tables, s)) > 1 for s in kinds)
+  assert count >= NUM_MULTI // 3
+
+
+@pytest.mark.parametrize("seed", [
+    seed if seed < NUM_MULTI_FAST else pytest.param(seed, marks=pytest.mark.slow)
+    for seed in range(NUM_MULTI)])
+def test_multi_source_dags_match_brute_force(seed):
+  problem, _ = multi_source_problem(seed)
+  tables = _tables.prune(_tables.build(problem))
+  reference = solver.brute_force(problem)
+  sol = solver.solve(problem)
+  if reference.status == "infeasible":
+    assert sol.status == "infeasible"
+    return
+  assert sol.status == "optimal", sol
+  check_assignment_shape(problem, sol)
+  assert independent_objective(problem, sol.choice, sol.stage) == (pytest.approx(sol.objective, rel=1e-9), True)
+  assert sol.objective == pytest.approx(reference.objective, rel=1e-6)
+  if tables.skips and _hub.supported(tables):
+    # The branch and bound over source classes alone (no SCIP): a valid bound and a
+    # real assignment.
+    result = _hub.solve_hub(tables, upper_bound=math.inf, deadline=math.inf, scip=False)
+    assert result.bound <= reference.objective * (1 + 1e-9)
+    assert result.objective >= reference.objective * (1 - 1e-9)
+
+
+def test_multi_source_dags_mostly_solved_by_chain_dps():
+  methods = []
+  for seed in range(NUM_MULTI):
+    problem, _ = multi_source_problem(seed)
+    tables = _tables.prune(_tables.build(problem))
+    if problem.num_stages > 1 and tables.skips:
+      assert _hub.supported(tables)  # at most a few flags, however many sources
+      methods.append(solver.solve(problem).method)
+  assert len(methods) >= NUM_MULTI // 2
+  # The chain DPs alone prove a good share; the rest need SCIP on a few leaves (sends
+  # whose cost depends on the destination's candidate) or fit nowhere ("bound").
+  assert methods.count("hub_dp") >= len(methods) // 5, methods
 
 
 def test_hub_solves_t5_like_dag_without_scip():
@@ -471,7 +565,7 @@ def test_one_f_one_b_matches_brute_force(seed):
   for i in range(problem.num_stages):
     assert before[i, starts[i]] <= max(p[:i], default=0.0) * (1 + 1e-9)
     assert after[i, ends[i]] <= max(p[i + 1:], default=0.0) * (1 + 1e-9)
-  dp = _chain_dp.ChainDP(tables, upper_bound=reference.objective, deadline=math.inf)
+  dp = _chain_sweeps.ChainDP(tables, upper_bound=reference.objective, deadline=math.inf)
   dp._reach()
   assert all(dp.start_ok[i, starts[i]] and dp.end_ok[i, ends[i]] for i in range(problem.num_stages))
 

@@ -34,10 +34,12 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
   - DAGs (skip edges) on one stage, method "auto": every edge is then local, and an
     exact DP over the layer order that carries the candidates of layers with pending
     edges (see `_one_stage`; at most three at once) returns a proven optimum.
-  - DAGs whose skip edges leave at most a few layers (T5: the encoder output feeds
-    every decoder block), method "auto": one chain DP per combination of those layers'
-    candidates (see `_hub`) gives an assignment and a lower bound; when they meet, the
-    assignment is returned as optimal ("hub_dp"), otherwise both go to SCIP.
+  - DAGs whose skip edges leave a few layers (T5: the encoder output feeds every
+    decoder block, position biases every block), method "auto", when the chain with
+    flags for those layers stays narrow: a branch and bound over the classes of those
+    layers' candidates, one chain DP per node (see `_hub`), gives an assignment and a
+    lower bound; when they meet, the assignment is returned as optimal ("hub_dp"),
+    otherwise the leaves left open go to SCIP with those layers fixed ("miqp").
   - Other DAGs, method "auto": SCIP solves the MIQP (see `_miqp`) and is the solver
     of record. The chain DP, run on the problem without its skip edges,
     gives SCIP its first solution and a valid bound (skip edges only add time, so the
@@ -191,8 +193,8 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
 
   open_gap = objective_lb < min(beat, warm_objective) * (1 - _PROOF_RTOL)
   if method == "auto" and open_gap and _hub.supported(tables):
-    # Skip edges leave a few layers: chain DPs with those layers' candidates fixed, and
-    # SCIP with them fixed where the DPs' bound does not meet the best assignment.
+    # Skip edges leave a few layers: chain DPs over classes of those layers' candidates,
+    # and SCIP with them fixed where the DPs' bound does not meet the best assignment.
     hub = _hub.solve_hub(tables, upper_bound=min(beat, warm_objective), incumbent=warm,
                          deadline=deadline, chain_bound=max(relaxed.bound, 0.0))
     if hub.choice is not None:
