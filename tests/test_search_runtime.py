@@ -62,11 +62,19 @@ def _usable(tables):
               or tables.reserve_bytes >= tables.memory_limit_bytes)
 
 
-@pytest.mark.parametrize("model", ["gpt2", "llama"])
+@pytest.fixture(scope="module")
+def bert():
+  return (*_trace("bert_huge"), {})
+
+
+@pytest.mark.parametrize("model", [
+    "gpt2", "llama",
+    pytest.param("bert", marks=pytest.mark.slow)])  # t5: over 15 minutes here
 def test_runtime_bounds_are_below_the_runtime_of_any_assignment(model, request):
   """Level 0 (FLOPs), level 2 (the configuration's own layers, with and without
-  memory) and the tables' bound never exceed `cost.runtime_step_time_s` of random
-  assignments and of the solver's answer, for every configuration."""
+  memory: the position bound and the per-layer one it never falls below) and the
+  tables' bound never exceed `cost.runtime_step_time_s` of random assignments and of
+  the solver's answer, for every configuration (pp 1 to 8, both schedules)."""
   graph, _, cache = request.getfixturevalue(model)
   rng = random.Random(0)
   batch = graph.batch_size
@@ -83,6 +91,10 @@ def test_runtime_bounds_are_below_the_runtime_of_any_assignment(model, request):
     cap = tables.memory_limit_bytes - tables.reserve_bytes
     with_memory = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=cap)
     of_tables = search.runtime_lower_bound(tables)
+    positions = search._runtime_position_bound(layers, config, CPU8, cache)
+    positions_memory = search._runtime_position_bound(layers, config, CPU8, cache,
+                                                      memory_cap=cap)
+    assert positions >= level2 and positions_memory >= with_memory, config.describe()
     problem = search.to_problem(tables)
     sol = solver.solve(problem)
     assignments = [(sol.choice, sol.stage)] + [_random_assignment(tables, rng)
@@ -93,8 +105,10 @@ def test_runtime_bounds_are_below_the_runtime_of_any_assignment(model, request):
       assert 0 < level0 <= runtime * TOL, what
       assert level0 <= level2 * TOL or config.num_stages * config.num_microbatches == 1, what
       assert level2 <= runtime * TOL, what
+      assert positions <= runtime * TOL, what
       if solver.evaluate(problem, choice, stage).fits:
         assert with_memory <= runtime * TOL, what
+        assert positions_memory <= runtime * TOL, what
         assert of_tables <= runtime * TOL, what
       checked += 1
   assert checked >= 100
@@ -129,6 +143,67 @@ def test_memory_aware_bound_is_sound_and_tighter_under_a_tight_limit(gpt2):
         runtime = cost.runtime_step_time_s(tables, choice, stage, executor=config.schedule)
         assert bound <= runtime * TOL, config.describe()
   assert tighter > 0
+
+
+def test_position_bound_is_never_looser_and_often_tighter(gpt2):
+  """The position bound (kinds counted by their busiest stage, the stacks' all-to-alls,
+  the sends) is at least the per-layer bound on every configuration, with and
+  without memory, and strictly above it on some pipelined ones."""
+  graph, _, cache = gpt2
+  batch = graph.batch_size
+  tighter = 0
+  for config in search.configurations(graph, CPU8, global_batch=batch):
+    layers = cost.layer_costs(graph, CPU8, mesh=config.mesh,
+                              microbatch=batch // config.num_microbatches, cache=cache)
+    cap = CPU8.memory_bytes - cost.reserve_bytes(layers)
+    for memory_cap in (None, cap):
+      old = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=memory_cap)
+      new = search._runtime_position_bound(layers, config, CPU8, cache,
+                                           memory_cap=memory_cap)
+      assert new >= old, config.describe()
+      tighter += new > old * TOL
+  assert tighter > 0
+
+
+def _brute_least_counts(kinds, counts, memory, cap, num_stages, cost_of):
+  """Every split of the layers into num_stages contiguous, possibly empty stages."""
+  from itertools import combinations_with_replacement
+  n, best = len(kinds), math.inf
+  for cuts in combinations_with_replacement(range(n + 1), num_stages - 1):
+    bounds = [0, *cuts, n]
+    caps, fits = [0] * len(counts), True
+    for s in range(num_stages):
+      part = range(bounds[s], bounds[s + 1])
+      if memory is not None and sum(memory[i][s] for i in part) > cap:
+        fits = False
+      for g in range(len(counts)):
+        caps[g] = max(caps[g], sum(kinds[i] == g for i in part))
+    if fits:
+      best = min(best, cost_of(caps))
+  return best
+
+
+def test_least_counts_is_the_least_over_contiguous_splits():
+  """`_least_counts` (greedy per cap vector, bisection on the last kind) equals the
+  least cost over every contiguous split, with and without per-stage memory."""
+  rng = random.Random(3)
+  for trial in range(300):
+    num_kinds = rng.randint(1, 3)
+    n = rng.randint(1, 9)
+    kinds = [rng.randrange(num_kinds) for _ in range(n)]
+    counts = [kinds.count(g) for g in range(num_kinds)]
+    weights = [rng.uniform(0.1, 2.0) for _ in range(num_kinds)]
+    cost_of = lambda caps: sum(w * m for w, m in zip(weights, caps))
+    stages = rng.randint(1, 4)
+    memory, cap = None, math.inf
+    if trial % 2:
+      memory = [[rng.uniform(0.5, 1.5) for _ in range(stages)] for _ in range(n)]
+      cap = rng.uniform(1.0, 5.0)
+    got = search._least_counts(kinds, counts, memory, cap, stages, cost_of)
+    want = _brute_least_counts(kinds, counts, memory, cap * (1 + solver.MEMORY_RTOL),
+                               stages, cost_of)
+    assert got == pytest.approx(want, rel=1e-12, abs=0) or got == want == math.inf, (
+        kinds, stages, memory, cap)
 
 
 def _least_runtime(graph, cache, **knobs):

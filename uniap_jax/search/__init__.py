@@ -43,9 +43,15 @@ fastest candidates, split as evenly as contiguous stages allow, plus the optimiz
 share, is below it): level 0 is the FLOPs bound split by phase; level 1 only
 tests memory (scaling a larger micro-batch's Pareto set bounds no phase on its
 own); level 2 takes the layers' own candidates, with the collectives every
-assignment pays, and respects memory by a Lagrangian relaxation (the fastest
-candidates of a large model do not fit). The order is a function of the
-inputs alone, so the same inputs give the same plan on every host.
+assignment pays, and is the larger of two bounds: the busiest stage's layers, with
+memory respected by a Lagrangian relaxation (the fastest candidates of a large model
+do not fit), and the program's positions (`_runtime_position_bound`: every stage's
+layers of one kind have positions of their own, so each kind costs its most layers
+on one stage, over the contiguous splits that fit memory, plus the stacks'
+all-to-alls, the sends of every tick and, under 1F1B, the table forwards of the
+positions that feed a send). The same bound on the built tables (a subset of the
+candidates) can settle a configuration before its solve. The order is a function
+of the inputs alone, so the same inputs give the same plan on every host.
 
 A warm start (`plan_graph(..., incumbent=plan)`, e.g. a baseline's plan) makes that
 plan's step time the first incumbent: the search returns it unless it finds a
@@ -55,8 +61,10 @@ however short its time limit.
 
 from uniap_jax.search._bounds import _check_layers as _check_layers
 from uniap_jax.search._bounds import _flops_bound as _flops_bound
+from uniap_jax.search._bounds import _least_counts as _least_counts
 from uniap_jax.search._bounds import _runtime_flops_bound as _runtime_flops_bound
 from uniap_jax.search._bounds import _runtime_layer_bound as _runtime_layer_bound
+from uniap_jax.search._bounds import _runtime_position_bound as _runtime_position_bound
 from uniap_jax.search._bounds import configuration_bound as configuration_bound
 from uniap_jax.search._bounds import lower_bound as lower_bound
 from uniap_jax.search._bounds import objective_bound as objective_bound

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -358,18 +359,19 @@ def _param_axes(cand: strategies.Candidate) -> set[str]:
 
 def _phase_times(candidates: Sequence[strategies.Candidate], mesh: strategies.MeshShape,
                  cluster: cluster_lib.Cluster, cache: dict) -> np.ndarray:
-  """[5, candidate], at least what `cost.runtime_step_time_s` charges a position
+  """[6, candidate], at least what `cost.runtime_step_time_s` charges a position
   holding the candidate (see the comment above `_runs`): forward compute per forward
   run, forward collectives per pass, backward compute and collectives per backward
   run (with the forward again for a candidate that recomputes its activations),
-  once per step on its own position, and optimizer compute (once per step, shared
-  by the S stages). Once per candidate tuple and mesh in `cache`.
+  once per step on its own position, optimizer compute (once per step, shared
+  by the S stages), and what a recomputation runs again (at most the forward). Once
+  per candidate tuple and mesh in `cache`.
   """
-  key = ("runtime_phase_times", id(candidates), mesh, id(cluster))
+  key = ("runtime_phase_rows", id(candidates), mesh, id(cluster))
   got = cache.get(key)
   if got is not None and got[0] is candidates and got[1] is cluster:
     return got[2]
-  rows = np.zeros((5, len(candidates)))
+  rows = np.zeros((6, len(candidates)))
   for k, cand in enumerate(candidates):
     per_op = cost.roofline_time_s(np.asarray(cand.op_flops, dtype=np.float64),
                                   np.asarray(cand.op_bytes, dtype=np.float64),
@@ -378,8 +380,9 @@ def _phase_times(candidates: Sequence[strategies.Candidate], mesh: strategies.Me
     rows[0, k] = float(per_op[phase == "forward"].sum())
     rows[2, k] = float(per_op[phase == "backward"].sum())
     rows[4, k] = float(per_op[phase == "optimizer"].sum())
-    if cand.recompute:  # under jax.checkpoint: its forward again in every backward run
-      rows[2, k] += rows[0, k]
+    rows[5, k] = min(_rerun_s(cand, per_op), rows[0, k])
+    if cand.recompute:  # under jax.checkpoint: what its backward reads of its forward
+      rows[2, k] += _rerun_s(cand, per_op)
     sharded = _param_axes(cand)
     for comm in cand.comms:
       if not comm.axes or not set(comm.axes) <= sharded or comm.phase == "recompute":
@@ -393,6 +396,15 @@ def _phase_times(candidates: Sequence[strategies.Candidate], mesh: strategies.Me
         rows[2, k] += t
   cache[key] = (candidates, cluster, rows)
   return rows
+
+
+def _rerun_s(cand: strategies.Candidate, per_op: np.ndarray) -> float:
+  """Seconds of what a recomputation of the candidate's forward runs again
+  (`Candidate.op_rerun`; all of the forward where candidates do not say)."""
+  rerun = getattr(cand, "op_rerun", None)
+  if rerun is None:
+    return float(per_op[np.asarray(cand.op_phase) == "forward"].sum())
+  return float(per_op[np.asarray(rerun, dtype=bool)].sum())
 
 
 def _runtime_layer_bound(layers: Sequence[cost.LayerCosts], config: Config,
@@ -421,22 +433,28 @@ def _runtime_layer_bound(layers: Sequence[cost.LayerCosts], config: Config,
   c, s, mesh = config.num_microbatches, config.num_stages, config.mesh
   fr, fc, br = _runs(config.schedule, s, c)
   fewest = min(cost.microbatches_in_flight(config.schedule, c, s, i) for i in range(s))
-  groups: dict[int, list] = {}  # id(candidates) -> [count, v, m, w, optimizer, solver]
+  passes = _split(config.schedule, s, c)[0]
+  read = {v for l in layers for v in l.input_ids}
+  groups: dict[tuple, list] = {}  # (id(candidates), read) -> [count, v, m, w, opt, solver]
   weights, optimizer_s, solver_s = [], 0.0, 0.0
   for l in layers:
-    got = groups.get(id(l.candidates))
+    # A recomputation runs all of a layer whose output is read, else only what its
+    # backward reads (the runtime's terminal positions).
+    consumed = any(v in read for v in l.output_ids)
+    got = groups.get((id(l.candidates), consumed))
     if got is None:
-      fwd, fwd_comm, bwd, once, opt = _phase_times(l.candidates, mesh, cluster, cache)
+      fwd, fwd_comm, bwd, once, opt, rerun = _phase_times(l.candidates, mesh, cluster, cache)
       solver_t = np.asarray(l.microbatch_time_s) + np.asarray(l.step_time_s) / c
-      w = fr * fwd + fc * fwd_comm + br * bwd + once
+      forward = fr * fwd if consumed else passes * fwd + (fr - passes) * rerun
+      w = forward + fc * fwd_comm + br * bwd + once
       v = w + opt
       if s == 1 and c == 1:
         v = np.maximum(v, solver_t)
       state, grad = np.asarray(l.state_bytes), np.asarray(l.grad_bytes)
       act = np.asarray(l.activation_bytes) * fewest
       m = state + (grad + act if c > 1 else np.maximum(grad, act))
-      got = groups[id(l.candidates)] = [0, v, m, float(np.min(w)), float(np.min(opt)),
-                                        float(np.min(solver_t))]
+      got = groups[(id(l.candidates), consumed)] = [
+          0, v, m, float(np.min(w)), float(np.min(opt)), float(np.min(solver_t))]
     got[0] += 1
     weights.append(got[3])
     optimizer_s += got[4]
@@ -495,4 +513,310 @@ def runtime_lower_bound(tables: cost.CostTables) -> float:
   config = Config(num_stages=tables.num_stages, mesh=tables.mesh,
                   num_microbatches=tables.num_microbatches, schedule=tables.schedule)
   cap = max(tables.memory_limit_bytes - tables.reserve_bytes, 0.0)
-  return _runtime_layer_bound(tables.layers, config, tables.cluster, memory_cap=cap)
+  return _runtime_position_bound(tables.layers, config, tables.cluster, memory_cap=cap)
+
+
+# The position bound (level 2 under "runtime", and on built tables). The lockstep
+# program has one layer position per element of a common supersequence of the stages'
+# sequences of layer kinds; `cost` keys a position by (signature, parameter specs,
+# recompute flag), so grouping by signature alone is coarser: for every signature g,
+# the positions of signature g number at least the most layers of g on any one stage,
+# m_g = max over stages of c_s(g) >= max(1, ceil(N_g / S)), and each costs at least the
+# least per-position figure over the candidates of any layer of g (the runtime prices
+# a position by one of its layers' candidates). So the runtime is at least
+#   sum over g of [m_g x w_g + 2 send(m_g x least parameter bytes of g)]   (S > 1:
+#       the stacks' all-to-alls, once per step; send time is affine, so subadditive)
+#   + permutes x send(least bytes of a value between layers)               (S > 1)
+#   + optimizer compute / S.
+# m_g is taken as the least over contiguous splits into at most S stages whose stages
+# also fit memory with every layer at its least memory (`_least_counts`): with two
+# repeated kinds (an encoder and a decoder) contiguity keeps them on separate stages.
+# Per-position figures (with (passes, table, recompute, backward, permutes) the runs of
+# `_split`): forward compute and forward collectives x (passes + recomputations),
+# except for a layer whose output no layer reads (its position may be terminal:
+# recomputations rerun only `op_rerun`, and none of its forward collectives); all-
+# gathers, which `cost` treats as hoisted parameter gathers, once per loop (1, one
+# more with recomputations, plus the backward runs under autodiff GPipe); backward
+# compute (with what a recomputing candidate reruns) and backward, gradient-
+# synchronisation and non-all-reduce "recompute" collectives x backward runs;
+# optimizer collectives once. Collectives count only over axes the candidate shards
+# parameters over (never manual), as in `_phase_times`. Under 1F1B the positions
+# that lead to a send also run the table's forwards (`_live_bound`).
+
+
+def _split(schedule: str, num_stages: int, num_microbatches: int
+           ) -> tuple[int, int, int, int, int]:
+  """(passes, table forwards, recomputations, backward runs, permutes) per step, as
+  `cost.runtime_run_split` counts them (derived from `cost.runtime_runs`)."""
+  forward, backward, permutes = cost.runtime_runs(schedule, num_stages, num_microbatches)
+  if num_stages == 1 and num_microbatches == 1:
+    return 1, 0, 0, 1, 0
+  fill = num_microbatches + num_stages - 1
+  if schedule == "gpipe":
+    return fill, 0, 0, backward, permutes
+  ticks = (forward - fill) // 2
+  return fill, ticks, ticks, backward, permutes
+
+
+def _position_rows(candidates: Sequence[strategies.Candidate], mesh: strategies.MeshShape,
+                   cluster: cluster_lib.Cluster, cache: dict) -> np.ndarray:
+  """[9, candidate]: forward compute, backward compute (+ what a recomputation runs
+  again, when recomputing), forward all-gathers, forward all-reduces, other forward
+  collectives, per-backward-run collectives, optimizer collectives, optimizer compute,
+  what a recomputation runs again (at most the forward); seconds per execution."""
+  key = ("runtime_position_rows", id(candidates), mesh, id(cluster))
+  got = cache.get(key)
+  if got is not None and got[0] is candidates and got[1] is cluster:
+    return got[2]
+  rows = np.zeros((9, len(candidates)))
+  for k, cand in enumerate(candidates):
+    per_op = cost.roofline_time_s(np.asarray(cand.op_flops, dtype=np.float64),
+                                  np.asarray(cand.op_bytes, dtype=np.float64),
+                                  cand.op_dtype, cluster)
+    phase = np.asarray(cand.op_phase)
+    rows[0, k] = float(per_op[phase == "forward"].sum())
+    rerun = _rerun_s(cand, per_op)
+    rows[1, k] = float(per_op[phase == "backward"].sum()) + (rerun if cand.recompute
+                                                            else 0.0)
+    rows[8, k] = min(rerun, rows[0, k])
+    rows[7, k] = float(per_op[phase == "optimizer"].sum())
+    sharded = _param_axes(cand)
+    for comm in cand.comms:
+      if not comm.axes or not set(comm.axes) <= sharded:
+        continue  # may be over a manual axis: not issued inside the body
+      t = cost.comm_time_s(comm, mesh, cluster) * comm.count
+      if comm.per_step:
+        rows[6 if comm.phase == "optimizer" else 5, k] += t
+      elif comm.phase == "forward":
+        rows[{"all-gather": 2, "all-reduce": 3}.get(comm.kind, 4), k] += t
+      elif comm.phase == "backward" or (comm.phase == "recompute" and
+                                        comm.kind != "all-reduce"):
+        rows[5, k] += t  # (a "recompute" all-reduce may close the output: not reissued)
+  cache[key] = (candidates, cluster, rows)
+  return rows
+
+
+def _least_counts(kinds: Sequence[int], counts: Sequence[int],
+                  memory: Sequence[Sequence[float]] | None, cap: float, num_stages: int,
+                  cost_of: Callable[[Sequence[int]], float]) -> float:
+  """min over contiguous splits into at most num_stages stages (each fitting `cap`
+  with the least memory `memory[layer][stage]`) of cost_of(per kind, the most layers
+  of that kind on one stage); `kinds[i]` is layer i's kind, `counts[g]` kind g's
+  layers. cost_of must be non-decreasing in every count. A lower bound on it when the
+  caps to try are too many (the pigeonhole caps), math.inf when nothing fits."""
+  s = num_stages
+  lo = [max(1, -(-n // s)) if n else 0 for n in counts]
+  if memory is not None:
+    cap *= 1 + solver.MEMORY_RTOL
+
+  def fits(caps: Sequence[int]) -> bool:
+    """Greedy: each stage takes layers while caps and memory allow (exact, as for
+    `_fits`: a stage's constraints hold on any part of a segment that meets them)."""
+    stage, acc, used = 0, 0.0, [0] * len(counts)
+    for i, g in enumerate(kinds):
+      if caps[g] < 1:
+        return False
+      while used[g] >= caps[g] or (memory is not None and acc + memory[i][stage] > cap):
+        if stage + 1 == s:
+          return False
+        stage, acc, used = stage + 1, 0.0, [0] * len(counts)
+      used[g] += 1
+      if memory is not None:
+        acc += memory[i][stage]
+    return True
+
+  multi = [g for g, n in enumerate(counts) if n > lo[g]]
+  if not multi:
+    return cost_of(lo) if fits(lo) else math.inf
+  ranges = [range(lo[g], counts[g] + 1) for g in multi]
+  if math.prod(len(r) for r in ranges[:-1]) > 4096:
+    return cost_of(lo)
+  best = math.inf
+  last = multi[-1]
+  for head in itertools.product(*ranges[:-1]):
+    caps = list(lo)
+    for g, m in zip(multi, head):
+      caps[g] = m
+    if cost_of(caps) >= best:
+      continue
+    caps[last] = counts[last]
+    if not fits(caps):
+      continue
+    a, b = lo[last], counts[last]  # the least cap of the last kind that fits: bisection
+    while a < b:
+      mid = (a + b) // 2
+      caps[last] = mid
+      if fits(caps):
+        b = mid
+      else:
+        a = mid + 1
+    caps[last] = a
+    best = min(best, cost_of(caps))
+  return best
+
+
+def _runtime_position_bound(layers: Sequence[cost.LayerCosts], config: Config,
+                            cluster: cluster_lib.Cluster, cache: dict | None = None, *,
+                            memory_cap: float | None = None) -> float:
+  """The position bound (see the comment above `_split`), and never less than
+  `_runtime_layer_bound`: a lower bound on `cost.runtime_step_time_s` of any
+  assignment of layers costed at this configuration's micro-batch (or of tables built
+  from them: their candidates are a subset) that fits `memory_cap` bytes per device
+  (limit less the reserve; None: memory not considered)."""
+  cache = {} if cache is None else cache
+  old = _runtime_layer_bound(layers, config, cluster, cache, memory_cap=memory_cap)
+  c, s, mesh = config.num_microbatches, config.num_stages, config.mesh
+  if math.isinf(old) or not layers or (s == 1 and c == 1):
+    return old
+  passes, table, recompute, backward, permutes = _split(config.schedule, s, c)
+  autodiff = not recompute and passes > 1  # GPipe by autodiff: backward runs regather
+  gather_runs = 1 + (backward if autodiff else 0) + (1 if recompute else 0)
+  read = {v for l in layers for v in l.input_ids}
+  kind_of: dict[str, int] = {}
+  weight: list[float] = []
+  param_bytes: list[float] = []
+  kinds: list[int] = []
+  optimizer_s = 0.0
+  least_send = math.inf
+  position = {v: i for i, l in enumerate(layers) for v in l.output_ids}
+  last_reader: dict[int, int] = {}
+  for i, l in enumerate(layers):
+    for v in l.input_ids:
+      if v in position and position[v] < i:
+        last_reader[v] = max(last_reader.get(v, i), i)
+  reaches = [False] * len(layers)  # whether a layer's outputs lead to the last layer
+  if layers:
+    reaches[-1] = True
+  readers: dict[int, list[int]] = {}
+  for i, l in enumerate(layers):
+    for v in l.input_ids:
+      if v in position and position[v] < i:
+        readers.setdefault(position[v], []).append(i)
+  for i in range(len(layers) - 2, -1, -1):
+    reaches[i] = any(reaches[j] for j in readers.get(i, ()))
+  live_weight: list[float] = []
+  per_layer: list[tuple[int, bool, np.ndarray]] = []
+  for i, l in enumerate(layers):
+    rows = _position_rows(l.candidates, mesh, cluster, cache)
+    consumed = any(v in read for v in l.output_ids)
+    if consumed:  # its position is not terminal: recomputations run all of it
+      w = ((passes + recompute) * (rows[0] + rows[3] + rows[4]) + gather_runs * rows[2])
+    else:  # maybe terminal: recomputations rerun only what its backward reads
+      w = passes * (rows[0] + rows[3] + rows[4]) + recompute * rows[8] + (
+          gather_runs - (1 if recompute else 0)) * rows[2]
+    w = w + backward * (rows[1] + rows[5]) + rows[6]
+    g = kind_of.setdefault(l.signature, len(weight))
+    if g == len(weight):
+      weight.append(math.inf)
+      live_weight.append(math.inf)
+      param_bytes.append(math.inf)
+    weight[g] = min(weight[g], float(w.min()))
+    per_layer.append((g, consumed, w))
+    if reaches[i]:  # on a stage before the last, it leads to a send: its position is live
+      w = w + table * (rows[0] + rows[3] + rows[4]) + min(table, 1) * rows[2]
+    live_weight[g] = min(live_weight[g], float(w.min()))
+    param_bytes[g] = min(param_bytes[g], min(float(k.param_bytes) for k in l.candidates))
+    kinds.append(g)
+    optimizer_s += float(rows[7].min())
+    for j, v in enumerate(l.output_ids):
+      if v in last_reader:
+        least_send = min(least_send, min(
+            l.output_nbytes[j] / strategies.shard_count(k.output_layouts[j], mesh.sizes)
+            for k in l.candidates))
+  counts = [kinds.count(g) for g in range(len(weight))]
+  sends = 0.0
+  if s > 1 and math.isfinite(least_send):
+    covered = np.zeros(len(layers) + 1)
+    for v, last in last_reader.items():
+      covered[position[v] + 1] += 1
+      covered[last + 1] -= 1
+    if np.all(np.cumsum(covered)[1:len(layers)] > 0):  # every stage boundary is crossed
+      sends = permutes * cost.send_time_s(least_send, mesh.num_devices, cluster)
+
+  def stacks(g: int, m: int) -> float:
+    """The all-to-alls of kind g's stacks (m slots), there and back, once per step."""
+    if s == 1 or not param_bytes[g] > 0:
+      return 0.0
+    return 2 * cost.send_time_s(m * param_bytes[g], mesh.num_devices, cluster)
+
+  def cost_of(caps: Sequence[int]) -> float:
+    return sum(m * weight[g] + stacks(g, m) for g, m in enumerate(caps))
+
+  memory = None
+  cap = math.inf
+  if memory_cap is not None and math.isfinite(memory_cap):
+    memory, cap = _stage_memory(layers, config, 1.0), memory_cap
+  least = _least_counts(kinds, counts, memory, cap, s, cost_of)
+  if memory is not None:
+    least = max(least, _position_lagrangian(layers, config, per_layer, counts, memory_cap)
+                + sum(stacks(g, -(-n // s)) for g, n in enumerate(counts)))
+  if table and s > 1:  # live positions run the table's forwards too (`_live_bound`)
+    least = max(least, _live_bound(kinds, counts, weight, live_weight, s, stacks))
+  return max(old, least + sends + optimizer_s / s)
+
+
+def _position_lagrangian(layers: Sequence[cost.LayerCosts], config: Config,
+                         per_layer: Sequence[tuple[int, bool, np.ndarray]],
+                         counts: Sequence[int], memory_cap: float) -> float:
+  """The positions' compute and collectives under memory, by Lagrangian relaxation.
+
+  The positions of kind g cost at least, on any one stage s, the sum over its layers
+  of kind g of what their keys' positions cost; averaged over the at most
+  min(S, N_g) stages that hold layers of g, at least (1 / min(S, N_g)) x the sum over
+  the layers of g. A layer's key (parameter specs, recompute flag) is what its
+  position shares, so each key counts at the least figure and least memory of its
+  candidates (v_K, m_K; a position is priced by one of its layers' candidates, not
+  necessarily this layer's). The layers' memory sums to at most S x memory_cap, so
+  for every lambda >= 0 the cost is at least sum over layers of
+  min_K (v_K / min(S, N_g) + lambda m_K) - lambda S memory_cap (`_lagrangian_bound`).
+  """
+  c, s = config.num_microbatches, config.num_stages
+  fewest = min(cost.microbatches_in_flight(config.schedule, c, s, i) for i in range(s))
+  groups: dict[tuple, list] = {}
+  for l, (g, consumed, w) in zip(layers, per_layer):
+    key = (id(l.candidates), consumed, g)
+    got = groups.get(key)
+    if got is None:
+      state, grad = np.asarray(l.state_bytes), np.asarray(l.grad_bytes)
+      act = np.asarray(l.activation_bytes) * fewest
+      m = state + (grad + act if c > 1 else np.maximum(grad, act))
+      by_key: dict[tuple, tuple[float, float]] = {}
+      for k, cand in enumerate(l.candidates):
+        kk = (tuple(cand.param_specs), cand.recompute)
+        v0, m0 = by_key.get(kk, (math.inf, math.inf))
+        by_key[kk] = (min(v0, float(w[k])), min(m0, float(m[k])))
+      share = min(s, counts[g])
+      got = groups[key] = [0, np.array([v / share for v, _ in by_key.values()]),
+                           np.array([m for _, m in by_key.values()])]
+    got[0] += 1
+  budget = s * memory_cap * (1 + solver.MEMORY_RTOL)
+  return _lagrangian_bound([tuple(x) for x in groups.values()], budget)
+
+
+def _live_bound(kinds: Sequence[int], counts: Sequence[int], weight: Sequence[float],
+                live_weight: Sequence[float], num_stages: int,
+                stack_cost: Callable[[int, int], float]) -> float:
+  """A lower bound on the positions' cost counting live ones (1F1B's table forwards).
+
+  The last stage is a suffix of the layers. For a suffix holding x_g layers of kind g,
+  the other S - 1 stages hold N_g - x_g, so some stage before the last holds at least
+  a_g = ceil((N_g - x_g) / (S - 1)) of them, whose positions are live (a layer whose
+  outputs lead to the last layer feeds a send from any earlier stage), and kind g has
+  at least m_g = max(x_g, a_g, ceil(N_g / S)) positions: cost >= a_g x live weight +
+  (m_g - a_g) x weight + the stacks' all-to-alls (`stack_cost(g, m_g)`). Least over
+  every suffix.
+  """
+  s, n = num_stages, len(kinds)
+  best = math.inf
+  suffix = [0] * len(counts)
+  for start in range(n, -1, -1):  # the last stage is layers[start:]
+    if start < n:
+      suffix[kinds[start]] += 1
+    total = 0.0
+    for g, count in enumerate(counts):
+      x = suffix[g]
+      a = -(-(count - x) // (s - 1))
+      m = max(x, a, -(-count // s))
+      total += a * live_weight[g] + (m - a) * weight[g] + stack_cost(g, m)
+    best = min(best, total)
+  return best

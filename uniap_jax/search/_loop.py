@@ -25,8 +25,9 @@ from uniap_jax.search._bounds import _Check
 from uniap_jax.search._bounds import _check_layers
 from uniap_jax.search._bounds import _flops_bound
 from uniap_jax.search._bounds import _runtime_flops_bound
-from uniap_jax.search._bounds import _runtime_layer_bound
+from uniap_jax.search._bounds import _runtime_position_bound
 from uniap_jax.search._bounds import phase_flops_bounds
+from uniap_jax.search._bounds import runtime_lower_bound
 from uniap_jax.search._bounds import to_problem
 from uniap_jax.search._build import build_plan
 from uniap_jax.search._build import fingerprint
@@ -324,7 +325,7 @@ class _Search:
     one (costed once per mesh at its reference micro-batch count, scaled down).
 
     Under objective "runtime" the bound is the runtime's: the exact test's layers
-    give `_runtime_layer_bound`; the relaxed test bounds no runtime (scaling the
+    give `_runtime_position_bound`; the relaxed test bounds no runtime (scaling the
     Pareto set of a larger micro-batch does not bound forward and backward compute
     apart), so it only rules configurations out by memory.
     """
@@ -333,7 +334,7 @@ class _Search:
     check = _check_layers(layers, config, limit=self.limit,
                           scale=n / config.num_microbatches, exact=exact)
     if self.objective == "runtime" and check.feasible:
-      check.bound = _runtime_layer_bound(
+      check.bound = _runtime_position_bound(
           layers, config, self.cluster, self.cache,
           memory_cap=max(self.limit - cost.reserve_bytes(layers), 0.0)) if exact else 0.0
     return check
@@ -399,6 +400,13 @@ class _Search:
         self.errors.append(f"{config.describe()}: {e}")
         self._report(config, "error", math.inf)
         continue
+      if self.objective == "runtime":
+        # The tables keep a subset of the candidates: their bound may be higher.
+        key = max(key, runtime_lower_bound(tables))
+        if self.prune and not math.isinf(self.incumbent) and key >= self.incumbent:
+          self.skipped += 1
+          self._report(config, "pruned", key)
+          continue
       retry = self._solve(config, tables, key, last=level == 3)
       if retry is not None and self.objective == "paper":
         heapq.heappush(heap, (retry, 3, i))
