@@ -22,6 +22,8 @@ from uniap_jax import cost
 from uniap_jax import graph as graph_lib
 from uniap_jax import hlo
 from uniap_jax import plans
+from uniap_jax import search
+from uniap_jax import solver
 from uniap_jax import strategies
 from uniap_jax.apply import _mesh
 from uniap_jax.apply import _schedules
@@ -494,6 +496,167 @@ def test_applied_pipeline_compiles_the_collectives_the_cost_model_counts(
     assert got[key]["bytes"] == pytest.approx(want[key]["bytes"], rel=0.01), key
   automatic = lambda table: sorted({a for _, a in table if not set(a) <= manual})
   assert automatic(got) == automatic(want), (got, want)
+
+
+@functools.cache
+def configuration_tables(mesh_items, pp, microbatches, schedule, batch_size):
+  """The traced TinyGPT step and one configuration's cost tables (cached)."""
+  cluster = uniap_jax.Cluster.preset(CPU8)
+  model, optimizer = make_state()
+  graph = graph_lib.trace(train_step, model, optimizer, make_batch(batch_size))
+  mesh = next(m for m in strategies.mesh_shapes(cluster, cluster.num_devices // pp)
+              if m.as_dict() == dict(mesh_items))
+  tables = cost.build_cost_tables(graph, cluster, mesh=mesh, num_stages=pp,
+                                  num_microbatches=microbatches, global_batch=batch_size,
+                                  schedule=schedule,
+                                  prune=False)  # hand choices by name: keep them all
+  return graph, cluster, mesh, tables
+
+
+def built_plan(*, mesh_axes, stages, microbatches, schedule, strategy, batch_size=BATCH):
+  """The Plan `uniap_jax.plan` builds had the solver chosen candidate `strategy(layer)`
+  for every layer and these stages; with the tables and the choice."""
+  pp = len(stages)
+  graph, cluster, mesh, tables = configuration_tables(
+      tuple(sorted(mesh_axes.items())), pp, microbatches, schedule, batch_size)
+  model, optimizer = make_state()
+  args = (model, optimizer, make_batch(batch_size))
+  choice = {}
+  for layer in tables.layers:
+    names = [c.name for c in layer.candidates]
+    choice[layer.name] = names.index(strategy(layer.name))
+  stage_of = {n: s for s, names in enumerate(stages) for n in names}
+  ev = solver.evaluate(search.to_problem(tables), choice, stage_of)
+  sol = solver.Solution(choice=choice, stage=stage_of, objective=ev.objective,
+                        status="optimal", gap=0.0, time_s=0.0, stage_times=ev.stage_times,
+                        send_times=ev.send_times, stage_memory=ev.stage_memory)
+  config = search.Config(num_stages=pp, mesh=mesh, num_microbatches=microbatches,
+                         schedule=schedule)
+  plan = search.build_plan(graph, cluster, config, tables, sol,
+                           stats=plans.SolverStats(status="heuristic", gap=0.0, time_s=0.0),
+                           global_batch=batch_size, args=args)
+  return plan, tables, choice, stage_of
+
+
+# Megatron blocks (column-parallel MLP-in, row-parallel MLP-out over "tp"), a
+# vocabulary-parallel embedding, the final norm and the head split over the hidden dim;
+# the batch over the manual "dp" everywhere.
+MEGATRON_STAGES = {"embed": "dp=batch tp=embedding:0", "norm": "dp=batch tp=hidden",
+                   "head": "dp=batch tp=hidden"}
+
+
+def megatron_strategy(name):
+  return "dp=batch tp=down:0" if name.startswith("blocks/") else MEGATRON_STAGES[name]
+
+
+@pytest.mark.parametrize("executor,recompute", [
+    pytest.param("gpipe", (), id="gpipe"),
+    pytest.param("1f1b", (), id="1f1b"),
+    pytest.param("1f1b", ("blocks/0", "blocks/2"), id="1f1b-remat-blocks",
+                 marks=pytest.mark.slow),
+    pytest.param("fused", (), id="fused", marks=pytest.mark.slow),
+    pytest.param("gpipe-remat", (), id="gpipe-remat", marks=pytest.mark.slow),
+    pytest.param("gpipe", ("blocks/0", "blocks/2"), id="gpipe-remat-blocks",
+                 marks=pytest.mark.slow),
+])
+def test_tensor_parallel_pipeline_compiles_exactly_the_predicted_collectives(executor,
+                                                                            recompute):
+  """pp=2 with "tp" automatic inside the stages: every (kind, axes) agrees, counts
+  exactly and bytes within 1%, the layers' own tensor-parallel collectives included.
+
+  What this pins down about XLA: each layer position's collectives run once per forward
+  and backward run (lockstep: idle positions too); in "fused" and "1f1b" the forward
+  runs of the table, inside the backward rule, lose the positions whose outputs feed
+  only the model's outputs (norm and head here: 6 instead of 8 tensor-parallel
+  all-reduces per run), and every recomputation of the stage loses the head's closing
+  all-reduce, which no backward reads. Blocks that recompute their activations
+  (" +remat") do not issue their closing all-reduce again either: their candidates
+  list only what the backward reads among the recomputed collectives (`rerun_comms`,
+  `op_rerun`). Outside the tables, as above:
+  the loss's mean and the one psum of the model's outputs over "pp".
+  """
+  schedule = "1f1b" if executor == "1f1b" else "gpipe"
+  plan, tables, choice, stage_of = built_plan(
+      mesh_axes={"dp": 2, "tp": 2}, stages=stages_of([2, 2]), microbatches=4,
+      schedule=schedule, strategy=lambda n: megatron_strategy(n) + (
+          plans.REMAT_SUFFIX if n in recompute else ""))
+  assert {l.name for l in plan.layers if l.recompute} == set(recompute)
+  want = cost.collectives_by_stage(tables, choice, stage_of, executor=executor)[0]
+  colls = compiled_collectives(plan, schedule=executor)
+  losses = [c for c in colls if c.kind == "all-reduce" and c.bytes == 4 and c.executions == 1]
+  assert len(losses) <= 2, losses
+  got = hlo.by_axes([c for c in colls if c not in losses])
+  assert got.pop(("all-reduce", ("pp",)))["count"] == 1
+  assert ("all-reduce", ("tp",)) in want and ("all-gather", ("tp",)) in want
+  assert set(got) == set(want), (got, want)
+  for key in want:
+    assert got[key]["count"] == want[key]["count"], (key, got[key], want[key])
+    assert got[key]["bytes"] == pytest.approx(want[key]["bytes"], rel=0.01), key
+  if executor == schedule:  # the plan's own prediction, by kind
+    by_kind = hlo.bytes_by_kind([c for c in colls if c not in losses and not (
+        c.kind == "all-reduce" and c.axes == ("pp",))])
+    predicted = {k: v for k, v in plan.predicted.collectives.items() if v}
+    assert sorted(by_kind) == sorted(predicted)
+    for kind, value in predicted.items():
+      assert by_kind[kind] == pytest.approx(value, rel=0.01), (kind, by_kind, value)
+
+
+# ZeRO-3 everywhere on a 4-device stage: every parameter stored split over "dp", which
+# stays automatic. At the default batch XLA gathers the (smaller) activations instead of
+# the weights; at 64 it gathers the weights, as the candidates say.
+ZERO3_STAGES = {"embed": "dp=batch,embedding:0", "norm": "dp=batch",
+                "head": "dp=batch,kernel:1"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["gpipe", "1f1b"])
+def test_zero_pipeline_compiles_collectives_over_the_predicted_axes(executor):
+  """pp=2 with ZeRO-3 stages, "dp" automatic: every count and byte accounted for.
+
+  What the candidates declare and the runtime model counts (each checked on this
+  case's compiled HLO): parameter all-gathers are loop-invariant and hoisted out of
+  the tick loops, once per loop that reads them, and autodiff GPipe's backward loop
+  gathers again in every run the parameters whose gathered copy the backward reads
+  (`ParamGather.backward_reads`: the matmul kernels, not the biases nor the embedding
+  table); gradient synchronisation runs in every backward run.
+
+  Two differences, pinned down exactly here:
+    - the loss, which the graph puts into the head, runs once per step outside the
+      pipeline, where the cost model charges its collectives in every forward run of
+      the head: the mean's 4-byte all-reduce (compiled once) and an all-gather of the
+      labels (compiled not at all: outside the pipeline they arrive whole);
+    - inside the pipeline XLA forms the embedding table's gradient by all-gathering
+      the ids and the cotangents over "dp" in every backward run, and scatters them
+      into the rows each device owns, where the candidate (as XLA compiles it in a
+      plain jit, tests/test_cost.py's ("gpt", "fsdp_vocab")) reduce-scatters the
+      table's gradient. The scatter rule sees no context to tell the two apart.
+  """
+  microbatches, batch_size = 4, 64
+  plan, tables, choice, stage_of = built_plan(
+      mesh_axes={"dp": 4}, stages=stages_of([2, 2]), microbatches=microbatches,
+      schedule=executor, batch_size=batch_size, strategy=lambda n: (
+          "dp=batch,down:0" if n.startswith("blocks/") else ZERO3_STAGES[n]))
+  manual = set(cost.manual_axes(tables, choice))
+  assert manual == {"pp"}  # every layer shards parameters over "dp": it stays automatic
+  want = cost.collectives_by_stage(tables, choice, stage_of, executor=executor)[0]
+  got = hlo.by_axes(compiled_collectives(plan, schedule=executor))
+  assert got.pop(("all-reduce", ("pp",)))["count"] == 1  # the model's outputs
+  assert set(got) == set(want), (got, want)
+  backward_runs = cost.runtime_run_split(executor, 2, microbatches)[3]
+  micro = batch_size // microbatches
+  ids_bytes, cotangent_bytes = micro * SEQ * 4, micro * SEQ * DIM * 4
+  head_runs = 1 + want[("all-reduce", ("dp",))]["count"] - got[("all-reduce", ("dp",))]["count"]
+  assert head_runs > 1
+  # (count, bytes) the compiled step issues beyond the prediction, per (kind, axes).
+  delta = {("all-reduce", ("dp",)): (1 - head_runs, 4 * (1 - head_runs)),
+           ("all-gather", ("dp",)): (2 * backward_runs - head_runs,
+                                     backward_runs * (ids_bytes + cotangent_bytes)
+                                     - head_runs * ids_bytes),  # labels as large as ids
+           ("reduce-scatter", ("dp",)): (-backward_runs, -backward_runs * VOCAB * DIM * 4)}
+  for key in want:
+    dc, db = delta.get(key, (0, 0))
+    assert got[key]["count"] == want[key]["count"] + dc, (key, got[key], want[key])
+    assert got[key]["bytes"] == pytest.approx(want[key]["bytes"] + db, rel=1e-6), key
 
 
 def test_runtime_step_time_against_the_papers_objective():

@@ -258,7 +258,8 @@ def _tables(pp, mesh_axes_items, microbatches, schedule, hidden=(64, 64, 64, 64)
               if m.as_dict() == dict(mesh_axes_items))
   tables = cost.build_cost_tables(graph, cluster, mesh=mesh, num_stages=pp,
                                   num_microbatches=microbatches, global_batch=BATCH,
-                                  schedule=schedule)
+                                  schedule=schedule,
+                                  prune=False)  # hand choices by name: keep them all
   return graph, cluster, mesh, tables
 
 
@@ -355,11 +356,12 @@ def test_applied_pipeline_compiles_the_collectives_the_cost_model_counts():
 
 
 def _recomputed_forward_time_s(tables, cand, manual):
-  """One more forward of `cand`: its forward ops at the roofline and its forward
-  collectives again (those over manual axes excepted: the body runs on this device's
-  share of the batch)."""
+  """One more forward of `cand`, as far as its backward reads it: those forward ops
+  (`op_rerun`) at the roofline and the "recompute" collectives (those over manual axes
+  excepted: the body runs on this device's share of the batch)."""
   per_op = cost.roofline_time_s(cand.op_flops, cand.op_bytes, cand.op_dtype, tables.cluster)
-  compute = float(sum(t for t, phase in zip(per_op, cand.op_phase) if phase == "forward"))
+  assert all(phase == "forward" for phase, again in zip(cand.op_phase, cand.op_rerun) if again)
+  compute = float(sum(t for t, again in zip(per_op, cand.op_rerun) if again))
   comms = sum(cost.comm_time_s(c, tables.mesh, tables.cluster) * c.count for c in cand.comms
               if c.phase == "recompute" and not set(c.axes) & set(manual))
   return compute + comms

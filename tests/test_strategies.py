@@ -1,5 +1,6 @@
 """uniap_jax.strategies: mesh shapes, layouts, labels, rules and candidates."""
 
+import dataclasses
 import functools
 import itertools
 import warnings
@@ -216,15 +217,82 @@ def test_fsdp_gathers_weights_and_reduce_scatters_gradients(mlp):
   assert fsdp.param_bytes < (32 * 64 + 64) * 4 / 4
 
 
-def test_recomputation_trades_activation_memory_for_forward_time(mlp):
+def test_recomputation_of_a_lone_linear_saves_nothing(mlp):
+  """jax.checkpoint wraps the module call; the relu after it runs in the parent's call
+  and keeps its residual either way, and the Linear's backward reads only its input:
+  nothing to recompute, nothing saved."""
   _, _, irs = mlp
   mesh = strategies.mesh_shapes(CPU8, 8)[0]
   ir = irs["l1"]
   plain, remat = strategies.layer_candidates(
       ir, mesh, assignments_=[(tuple(sorted(ir.batch_labels)),)])
   assert (plain.recompute, remat.recompute) == (False, True)
+  assert remat.activation_bytes == plain.activation_bytes
+  assert not remat.op_rerun.any()
+  assert [c for c in remat.comms if c.phase == "recompute"] == []
+
+
+def _gpt_block_pair(name):
+  """The GPT-2 block's candidates `name` and `name + " +remat"` on dp=2 x tp=2."""
+  ir = _zoo_irs("gpt2")["blocks/0"]
+  mesh = next(m for m in strategies.mesh_shapes(CPU8, 4) if m.as_dict() == {"dp": 2, "tp": 2})
+  cands = {c.name: c for c in strategies.layer_candidates(ir, mesh)}
+  return ir, cands[name], cands[name + " +remat"]
+
+
+def test_recomputation_trades_activation_memory_for_forward_time():
+  ir, plain, remat = _gpt_block_pair("dp=batch tp=c_attn:1,attn_proj:0,c_fc:1")
+  assert (plain.recompute, remat.recompute) == (False, True)
   assert remat.activation_bytes < plain.activation_bytes
-  assert len(remat.comms) >= len(plain.comms)
+  forward = np.array(remat.op_phase) == "forward"
+  assert remat.op_rerun.any() and not remat.op_rerun[~forward].any()
+  # The same ops for every candidate of the layer: what the backward reads.
+  assert np.array_equal(plain.op_rerun, remat.op_rerun)
+
+
+def test_recomputation_reissues_only_what_the_backward_reads():
+  """Megatron's row-parallel projections end the block's attention and MLP with an
+  all-reduce each. The attention's result feeds the MLP, whose backward reads it, so
+  a recomputation runs it again; the MLP's closes the block's output, which no
+  backward of the block reads: a recomputation (XLA drops the rest of the
+  rematerialised forward as dead code) runs neither that matmul nor its all-reduce."""
+  ir, plain, remat = _gpt_block_pair("dp=batch tp=c_attn:1,attn_proj:0,c_fc:1")
+  forward_ar = [c for c in plain.comms if c.phase == "forward" and c.kind == "all-reduce"
+                and c.axes == ("tp",)]
+  assert sum(c.count for c in forward_ar) == 2  # attention and MLP outputs
+  again = [c for c in remat.comms if c.phase == "recompute" and c.kind == "all-reduce"]
+  assert [(c.axes, c.count, c.bytes) for c in again] == [
+      (("tp",), 1, forward_ar[0].bytes)]  # the attention's, as large as the output
+  assert [dataclasses.replace(c, phase="recompute") for c in plain.rerun_comms] == [
+      c for c in remat.comms if c.phase == "recompute"]
+  dots = [k for k, o in enumerate(ir.ops) if o.op.phase == "forward" and o.family == "dot"
+          and any(v in ir.param_ids for v in o.op.in_ids)]
+  rerun = {ir.ops[k].op.module.rsplit("/", 1)[-1] for k in dots if remat.op_rerun[k]}
+  skipped = {ir.ops[k].op.module.rsplit("/", 1)[-1] for k in dots if not remat.op_rerun[k]}
+  assert rerun == {"c_attn", "attn_proj", "c_fc"} and skipped == {"mlp_proj"}
+
+
+def test_zero_and_tensor_parallel_on_one_dim_list_the_kept_axis_first():
+  """A weight dim split over "tp" (kept) and "dp" (gathered before use, ZeRO) is
+  stored as ("tp", "dp"): gathering "dp" then leaves each device its contiguous "tp"
+  shard. In mesh order ("dp", "tp") XLA gathers over both and runs the layer data
+  parallel (checked on compiled HLO)."""
+  ir = _zoo_irs("gpt2")["blocks/0"]
+  mesh = next(m for m in strategies.mesh_shapes(CPU8, 4) if m.as_dict() == {"dp": 2, "tp": 2})
+  paths = [p.path.removeprefix("blocks/0/") for p in ir.layer.params if p.value_id in ir.values]
+  cands = {c.name: dict(zip(paths, c.param_specs))
+           for c in strategies.layer_candidates(ir, mesh, recompute=False)}
+  zero_tp = cands["dp=batch,c_fc:1 tp=c_attn:1,attn_proj:0,c_fc:1"]  # ZeRO over Megatron
+  assert zero_tp["c_fc/kernel"] == (None, ("tp", "dp"))
+  assert zero_tp["c_fc/bias"] == (("tp", "dp"),)  # read through a reshape
+  assert zero_tp["mlp_proj/kernel"] == (("tp", "dp"),)
+  assert zero_tp["c_attn/kernel"] == (None, "tp")
+  # Both axes gathered (the batch split over both): mesh order.
+  both = cands["dp=batch,c_fc:1 tp=batch,c_fc:1"]
+  assert both["c_fc/kernel"] == (None, ("dp", "tp"))
+  # Both axes kept (tensor parallel over both): mesh order.
+  kept = cands["dp=c_attn:1,attn_proj:0,c_fc:1 tp=c_attn:1,attn_proj:0,c_fc:1"]
+  assert kept["c_fc/kernel"] == (None, ("dp", "tp"))
 
 
 def test_recomputation_keeps_the_peak_and_lowers_what_is_held_between_passes(mlp):

@@ -20,6 +20,7 @@ from uniap_jax.cost._predict import EXECUTORS as EXECUTORS
 from uniap_jax.cost._predict import collectives_by_stage as collectives_by_stage
 from uniap_jax.cost._predict import manual_axes as manual_axes
 from uniap_jax.cost._predict import predicted_collectives as predicted_collectives
+from uniap_jax.cost._predict import runtime_run_split as runtime_run_split
 from uniap_jax.cost._predict import runtime_runs as runtime_runs
 from uniap_jax.cost._predict import runtime_step_time_s as runtime_step_time_s
 from uniap_jax.cost._tables import CostTables as CostTables

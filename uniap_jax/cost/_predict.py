@@ -19,11 +19,27 @@ Two counts:
         tables charge for GPipe); "fused" and "1f1b" run a forward pass and then their
         whole table, a forward and a backward run per tick, in the backward rule
         (`runtime_runs`);
+      * what XLA keeps of those runs (each checked on compiled HLO): the forward runs
+        of a table, inside the backward rule, feed only the activations sent on, so
+        the positions that lead to no send (on any stage) are dead code there, and
+        with one stage the whole table forward is; a recomputation is the forward
+        half of a `jax.vjp` whose outputs are discarded, so a position whose output
+        no layer reads (the last layer) runs there only what its backward reads, the
+        collectives its candidate declares in `rerun_comms`
+        (`runtime_run_split`, `_Program.live`, `_Program.terminal`);
       * a layer whose candidate recomputes its activations (" +remat") runs under
         `jax.checkpoint` in every executor: each backward run first runs that layer's
-        forward once more, so its "recompute"-phase collectives (the forward's, as
-        the candidate declares them) execute once per backward run; positions of
-        recomputing and plain layers are separate kinds, with separate stacks;
+        forward once more, as far as its backward reads it, so its "recompute"-phase
+        collectives (declared by the candidate: not the all-reduce that closes a
+        row-parallel output, which no backward reads) execute once per backward run;
+        positions of recomputing and plain layers are separate kinds, with separate
+        stacks;
+      * parameter all-gathers over automatic axes (FSDP / ZeRO-3) are loop-invariant:
+        XLA hoists them out of the tick loops, so each runs once per step for every
+        loop that reads it (the forward pass, a table's forward, the recomputation);
+        autodiff GPipe's backward loop, though, gathers again in every backward run
+        the parameters whose gathered copy the backward reads (the matmul kernels,
+        not the biases nor an embedding table: `Candidate.param_gathers`);
       * activations and cotangents move by one collective-permute per buffer slot and
         tick and direction, whether or not the tick carries data;
       * the shard_map is manual over "pp" and the batch axes no parameter is sharded
@@ -39,15 +55,17 @@ Two counts:
     Not counted here (the tables do not know it): the psum over "pp" of the model's
     returned arrays, once per step (M micro-batches of the last call's outputs), and
     that the loss, which the graph puts into the last layer, is reduced once per step
-    outside the pipeline rather than once per run. Counted but not always compiled:
-    a recomputation runs only the part of the layer's forward its backward reads, so
-    a forward collective whose result feeds nothing but the layer's output (the
-    all-reduce closing a row-parallel matmul) is not issued again, although the
-    candidate declares it among its "recompute" collectives (and its forward FLOPs
-    among the recomputed ones).
+    outside the pipeline rather than once per run (its collectives, too, are charged
+    per forward run of the last layer). Not modelled, because the candidates do not
+    say how XLA partitions their ops: with small micro-batches XLA gathers the
+    activations rather than the ZeRO weights. (The gradient of an embedding table
+    split over every mesh axis, with the ids split over it, is formed by gathering the
+    ids and the cotangents in every backward run: the scatter rule says so.)
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from collections.abc import Mapping, Sequence
 
@@ -111,6 +129,32 @@ def runtime_runs(executor: str, num_stages: int, num_microbatches: int) -> tuple
     ticks = m + 2 * s - 2 if executor == "fused" else 2 * fill
     forward, backward, permutes = fill + 2 * ticks, ticks, fill + 2 * ticks
   return forward, backward, permutes if s > 1 else 0
+
+
+def runtime_run_split(executor: str, num_stages: int, num_microbatches: int
+                      ) -> tuple[int, int, int, int, int]:
+  """`runtime_runs`'s forward runs by what their results feed: (passes, table forwards,
+  recomputations, backward runs, permutes).
+
+  A pass produces the model's outputs (the autodiff loop's forward ticks, or the forward
+  pass before an explicit table); a table forward, inside the backward rule of "fused"
+  and "1f1b", only feeds the activations sent on, so XLA drops the layer positions that
+  lead to no send; a recomputation is the forward half of a backward run's `jax.vjp`,
+  whose primal outputs are discarded. passes + table forwards + recomputations is
+  `runtime_runs`'s forward runs. A lower bound on what a layer position costs per step
+  may charge its forward compute (passes + recomputations) times only.
+  """
+  forward, backward, permutes = runtime_runs(executor, num_stages, num_microbatches)
+  s, m = num_stages, num_microbatches
+  if s == 1 and m == 1:
+    return 1, 0, 0, 1, 0
+  fill = m + s - 1
+  if executor == "gpipe":
+    return fill, 0, 0, backward, permutes
+  if executor == "gpipe-remat":
+    return fill, 0, forward - fill, backward, permutes
+  ticks = (forward - fill) // 2
+  return fill, ticks, ticks, backward, permutes
 
 
 def _batch_axes(tables: _tables.CostTables, choice: Mapping[str, int]) -> tuple[str, ...]:
@@ -183,19 +227,26 @@ def _paper_by_stage(tables, choice, stage_of) -> tuple[Summary, ...]:
 def _runtime(tables, choice, stage_of, executor: str) -> Summary:
   """What one device of the pipelined runtime issues in one step (the same on every device)."""
   num_stages, m = tables.num_stages, tables.num_microbatches
-  forward_runs, backward_runs, permutes = runtime_runs(executor, num_stages, m)
+  split = runtime_run_split(executor, num_stages, m)
+  backward_runs, permutes = split[3], split[4]
   manual = set(manual_axes(tables, choice))
-  sizes = tables.mesh.sizes
   out: Summary = {}
   program = _program(tables, choice, stage_of)
   data = tuple(a for a in tables.mesh.names if a in manual)  # manual data-parallel axes
-  for layer in program.positions:
-    for comm in layer.candidates[choice[layer.name]].comms:
+  for p, layer in enumerate(program.positions):
+    cand = layer.candidates[choice[layer.name]]
+    for comm, gathers in _position_comms(cand):
       if set(comm.axes) & manual:
-        continue  # the body runs on this device's batch share: see the psum below
-      runs = _comm_runs(comm, manual, forward_runs, backward_runs)
+        continue  # manual: the body runs on this device's batch share (see the psum below)
+      runs = _comm_runs(comm, manual, _forward_runs(comm, gathers, p, program, split),
+                        backward_runs)
       _add(out, comm.kind, comm.axes, comm.bytes, comm.count * runs)
-  for ls, ld, nbytes in program.reshards:
+    for comm, runs in (*_terminal_reruns(p, program, split, choice),
+                       *_regathers(p, program, split, choice)):
+      if not set(comm.axes) & manual:
+        _add(out, comm.kind, comm.axes, comm.bytes, comm.count * runs)
+  for ls, ld, nbytes, dst in program.reshards:
+    forward_runs = split[0] + split[2] + (split[1] if program.live[dst] else 0)
     for a, b, runs in ((ls, ld, forward_runs), (ld, ls, backward_runs)):
       comms, _ = strategies.reshard(a, b, nbytes, tables.mesh.sizes)
       for kind, axes, x in comms:
@@ -216,6 +267,89 @@ def _runtime(tables, choice, stage_of, executor: str) -> Summary:
   return out
 
 
+def _forward_runs(comm: strategies.Comm, gathers_params: bool, position: int,
+                  program: "_Program", split: tuple[int, int, int, int, int]) -> int:
+  """Runs per step that issue a forward collective of a layer position (`runtime_run_split`).
+
+  Table forwards skip the positions that lead to no send (`_Program.live`). A
+  recomputation of the stage runs all of a position whose output a later layer reads;
+  of a position whose output leaves the model (`_Program.terminal`) only what its
+  backward reads, the candidate's `rerun_comms` (`_terminal_reruns`). Parameter
+  gathers (`gathers_params`, the candidate's `param_gathers`) are loop-invariant:
+  XLA hoists them out of the tick loops, once per loop that reads them (autodiff
+  GPipe's backward regathers are `_regathers`).
+  """
+  passes, table, recompute = split[:3]
+  if gathers_params:
+    passes, table, recompute = (min(n, 1) for n in (passes, table, recompute))
+  runs = passes + (table if program.live[position] else 0)
+  if not program.terminal[position]:
+    runs += recompute
+  return runs
+
+
+def _split_gathers(comms: Sequence[strategies.Comm],
+                   gathers: Sequence[strategies.Comm]) -> list[tuple[strategies.Comm, bool]]:
+  """`comms` with each forward per-micro-batch collective split into its part that
+  gathers parameters (`gathers`, True) and the rest (False)."""
+  by_key: dict[tuple, list[float]] = {}
+  for c in gathers:
+    got = by_key.setdefault((c.kind, c.axes), [0.0, 0])
+    got[0] += c.bytes * c.count
+    got[1] += c.count
+  out = []
+  for comm in comms:
+    got = (by_key.pop((comm.kind, comm.axes), None)
+           if comm.phase == "forward" and not comm.per_step else None)
+    if got is None:
+      out.append((comm, False))
+      continue
+    total, n = got
+    out.append((dataclasses.replace(comm, bytes=total / n, count=n), True))
+    if comm.count > n:
+      rest = comm.count - n
+      out.append((dataclasses.replace(comm, bytes=(comm.bytes * comm.count - total) / rest,
+                                      count=rest), False))
+  return out
+
+
+def _position_comms(cand: strategies.Candidate) -> list[tuple[strategies.Comm, bool]]:
+  """The candidate's collectives, its forward parameter gathers apart (True)."""
+  return _split_gathers(cand.comms, [c for g in cand.param_gathers for c in g.comms])
+
+
+def _regathers(position: int, program: "_Program", split: tuple[int, ...],
+               choice: Mapping[str, int]) -> tuple[tuple[strategies.Comm, int], ...]:
+  """Autodiff GPipe (no table, no recomputation of the stage, several passes): the
+  backward loop cannot keep the gathered weights (they are not among the residuals
+  it keeps), so it gathers again, in every backward run, each parameter whose gathered
+  copy the backward reads (`ParamGather.backward_reads`: matmul kernels, not biases or
+  embedding tables). (collective, runs per step) pairs."""
+  passes, table, recompute, backward_runs = split[:4]
+  if table or recompute or passes <= 1:
+    return ()
+  layer = program.positions[position]
+  cand = layer.candidates[choice[layer.name]]
+  return tuple((c, backward_runs) for g in cand.param_gathers if g.backward_reads
+               for c in g.comms)
+
+
+def _terminal_reruns(position: int, program: "_Program", split: tuple[int, ...],
+                     choice: Mapping[str, int]) -> tuple[tuple[strategies.Comm, int], ...]:
+  """The forward collectives a recomputation of the stage issues for a position whose
+  output no layer reads: what its backward reads (`Candidate.rerun_comms`); XLA drops
+  the rest of that forward (a row-parallel matmul closing the output, its all-reduce).
+  Parameter gathers among them are hoisted: once per step. (collective, runs) pairs."""
+  recompute = split[2]
+  if not (recompute and program.terminal[position]):
+    return ()
+  layer = program.positions[position]
+  cand = layer.candidates[choice[layer.name]]
+  gathers = [c for g in cand.param_gathers if g.recomputed for c in g.comms]
+  return tuple((c, min(recompute, 1) if hoisted else recompute)
+               for c, hoisted in _split_gathers(cand.rerun_comms, gathers))
+
+
 def _comm_runs(comm: strategies.Comm, manual: set[str], forward_runs: int,
                backward_runs: int) -> int:
   """Executions per step of one of a layer position's collectives in the runtime."""
@@ -234,13 +368,18 @@ class _Program:
   Attributes:
     positions: one layer standing for each position of the common layer sequence.
     stacks: (a layer of each kind, its slots per stage) for the parameter stacks.
-    reshards: (source layout, destination layout, bytes) of each edge inside the body.
+    reshards: (source layout, destination layout, bytes, destination position) of each
+      edge inside the body.
     slot_bytes: local bytes of each activation buffer slot sent between stages.
+    live: per position, whether its output leads (on some stage) to a value sent to
+      the next stage; the others only feed the model's outputs.
+    terminal: per position, whether no layer reads its output on any stage.
   """
 
-  def __init__(self, positions, stacks, reshards, slot_bytes):
+  def __init__(self, positions, stacks, reshards, slot_bytes, live, terminal):
     self.positions, self.stacks = positions, stacks
     self.reshards, self.slot_bytes = reshards, slot_bytes
+    self.live, self.terminal = live, terminal
 
 
 def _program(tables: _tables.CostTables, choice: Mapping[str, int],
@@ -272,7 +411,8 @@ def _program(tables: _tables.CostTables, choice: Mapping[str, int],
   pairs: dict[tuple, tuple] = {}
   for v, s_src, s_dst, src, dst, i, j, nbytes, ls, ld in _edge_values(tables, choice,
                                                                       stage_of):
-    pairs.setdefault((position_of[src], position_of[dst], i, j, ls, ld), (ls, ld, nbytes))
+    pairs.setdefault((position_of[src], position_of[dst], i, j, ls, ld),
+                     (ls, ld, nbytes, position_of[dst]))
     if s_dst > s_src and v not in seen:
       seen.add(v)
       local = nbytes / strategies.shard_count(ls, sizes)
@@ -287,7 +427,20 @@ def _program(tables: _tables.CostTables, choice: Mapping[str, int],
         j = len(slots)
         slots.append((nbytes, local))
       taken.add(j)
-  return _Program(positions, stacks, list(pairs.values()), [local for _, local in slots])
+  # Liveness of the uniform body's positions: a layer feeds a send when one of its
+  # consumers is on a later stage or, on its own stage, feeds one itself.
+  consumers: dict[str, list[str]] = {}
+  for edge in tables.edges:
+    consumers.setdefault(edge.src, []).append(edge.dst)
+  feeds: dict[str, bool] = {}
+  for l in reversed(tables.layers):
+    feeds[l.name] = any(stage_of[d] > stage_of[l.name] or feeds.get(d, False)
+                        for d in consumers.get(l.name, ()))
+  live = [any(feeds[per_stage[s][i].name] for s, i in where.items()) for where in aligned]
+  terminal = [all(not consumers.get(per_stage[s][i].name) for s, i in where.items())
+              for where in aligned]
+  return _Program(positions, stacks, list(pairs.values()), [local for _, local in slots],
+                  live, terminal)
 
 
 def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
@@ -300,10 +453,15 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
   (F), a backward run the sum of their backward compute and the collectives XLA issues
   per run (B; the recomputation of the stage before it is among the forward runs of
   `runtime_runs`), plus, for every position whose candidate recomputes its
-  activations, that layer's forward compute and "recompute" collectives once more
+  activations, the forward compute its backward reads (`Candidate.op_rerun`) and its
+  "recompute" collectives once more
   (the `jax.checkpoint` apply wraps it in), and each tick moves its buffers (one send
   per slot and direction); the collectives are those
-  `collectives_by_stage(..., executor=)` counts.
+  `collectives_by_stage(..., executor=)` counts. As there, a table's forward runs skip
+  the positions that lead to no send (compute and collectives), recomputations of the
+  stage run of a position whose output leaves the model only what its backward reads
+  (`op_rerun`, `rerun_comms`), and parameter all-gathers over
+  automatic axes are hoisted: once per step for each loop that reads them.
   Once per step: gradient synchronisation over manual axes, the optimizer
   (each device updates its 1/pp share of every leaf) and the all-to-alls between the
   stored state and the stacks. With one stage and one micro-batch this is the sum of
@@ -317,38 +475,47 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
   stage_of = stage_of or {l.name: 0 for l in tables.layers}
   mesh, cluster = tables.mesh, tables.cluster
   num_stages, m = tables.num_stages, tables.num_microbatches
-  forward_runs, backward_runs, permutes = runtime_runs(executor, num_stages, m)
+  split = runtime_run_split(executor, num_stages, m)
+  backward_runs, permutes = split[3], split[4]
   if num_stages == 1 and m == 1:
     return float(sum(tables.solver_time_s(l.name)[choice[l.name]] for l in tables.layers))
   manual = set(manual_axes(tables, choice))
   program = _program(tables, choice, stage_of)
-  forward = backward = once = 0.0
-  for layer in program.positions:
+  forward = backward = once = 0.0  # forward: over all runs; backward: per backward run
+  for p, layer in enumerate(program.positions):
     cand = layer.candidates[choice[layer.name]]
     per_op = _formulas.roofline_time_s(cand.op_flops, cand.op_bytes, cand.op_dtype, cluster)
     phase = np.array(cand.op_phase)
-    forward += float(per_op[phase == "forward"].sum())
+    fwd = float(per_op[phase == "forward"].sum())
+    rerun = float(per_op[cand.op_rerun].sum())  # what a recomputation runs again
+    runs = split[0] + (split[1] if program.live[p] else 0)
+    forward += runs * fwd + split[2] * (rerun if program.terminal[p] else fwd)
     backward += float(per_op[phase == "backward"].sum())
-    if cand.recompute:  # its forward again, inside every backward run
-      backward += float(per_op[phase == "forward"].sum())
-    for comm in cand.comms:
+    if cand.recompute:  # what its backward reads of its forward, in every backward run
+      backward += rerun
+    for comm, n in (*_terminal_reruns(p, program, split, choice),
+                    *_regathers(p, program, split, choice)):
+      if not set(comm.axes) & manual:
+        forward += _formulas.comm_time_s(comm, mesh, cluster) * comm.count * n
+    for comm, gathers in _position_comms(cand):
       if set(comm.axes) & manual or not _comm_runs(comm, manual, 1, 1):
         continue  # over manual axes: the psum of the stacked gradients below
       t = _formulas.comm_time_s(comm, mesh, cluster) * comm.count
       if comm.per_step and comm.phase == "optimizer":
         once += t
       elif comm.phase == "forward" and not comm.per_step:
-        forward += t
+        forward += t * _forward_runs(comm, gathers, p, program, split)
       else:  # backward, per-step gradient synchronisation, and recomputation
         backward += t
-  for ls, ld, nbytes in program.reshards:
+  for ls, ld, nbytes, dst in program.reshards:
+    runs = split[0] + split[2] + (split[1] if program.live[dst] else 0)
     for a, b, phase in ((ls, ld, "forward"), (ld, ls, "backward")):
       comms, _ = strategies.reshard(a, b, nbytes, mesh.sizes)
       t = sum(_formulas.collective_time_s(kind, x, mesh.level_factors(axes), cluster.levels)
               for kind, axes, x in comms
               if not {mesh.names[i] for i in axes} & manual)
       if phase == "forward":
-        forward += t
+        forward += t * runs
       else:
         backward += t
   data = tuple(mesh.index(a) for a in mesh.names if a in manual)
@@ -368,7 +535,7 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
     for layer, n in program.stacks:
       cand = layer.candidates[choice[layer.name]]
       once += 2 * _formulas.send_time_s(n * cand.param_bytes, mesh.num_devices, cluster)
-  return (forward_runs * forward + backward_runs * backward + permutes * send + once)
+  return forward + backward_runs * backward + permutes * send + once
 
 
 def collectives_by_stage(tables: _tables.CostTables, choice: Mapping[str, int],

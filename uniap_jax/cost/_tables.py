@@ -231,7 +231,9 @@ def _candidate_times(cand: strategies.Candidate, mesh: strategies.MeshShape,
   fwd = float(per_op[phase == "forward"].sum())
   bwd = float(per_op[phase == "backward"].sum())
   opt = float(per_op[phase == "optimizer"].sum())
-  micro = fwd + bwd + (fwd if cand.recompute else 0.0)
+  # A recomputation reruns only the forward ops whose results the backward reads.
+  rerun = float(per_op[cand.op_rerun].sum()) if cand.recompute else 0.0
+  micro = fwd + bwd + rerun
   step = opt
   for c in cand.comms:
     t = _formulas.comm_time_s(c, mesh, cluster) * c.count

@@ -12,6 +12,7 @@ as special cases of one mechanism; see `_candidates` for how.
 
 from uniap_jax.strategies._candidates import Assignment as Assignment
 from uniap_jax.strategies._candidates import Candidate as Candidate
+from uniap_jax.strategies._candidates import ParamGather as ParamGather
 from uniap_jax.strategies._candidates import assignments as assignments
 from uniap_jax.strategies._candidates import layer_candidates as layer_candidates
 from uniap_jax.strategies._candidates import tensor_layout as tensor_layout

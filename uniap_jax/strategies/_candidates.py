@@ -43,6 +43,29 @@ PLATFORMS = ("cpu", "gpu", "tpu")  # XLA backends, as `Cluster.platform` names t
 _MISSING = object()
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ParamGather:
+  """The forward pass resharding a parameter before use (ZeRO / FSDP gathers).
+
+  Attributes:
+    param: the parameter's position in `LayerIR.param_ids` (and `param_specs`).
+    comms: its collectives (phase "forward", once per micro-batch each), also counted
+      in the candidate's `comms`.
+    backward_reads: whether a backward op reads the gathered copy (a matmul kernel,
+      for the input's gradient; not a bias, nor an embedding table, whose gradients
+      do not need their values). Where the backward cannot keep the forward's copy
+      (autodiff through a pipeline's tick loop) it gathers these again.
+    recomputed: whether a recomputation of the layer's forward gathers it again
+      (a forward op it reruns, or its backward, reads the copy): then its comms are
+      among `Candidate.rerun_comms` too.
+  """
+
+  param: int
+  comms: tuple[Comm, ...]
+  backward_reads: bool
+  recomputed: bool
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Candidate:
   """One way to shard one layer on one mesh, with everything the cost model needs.
@@ -54,7 +77,8 @@ class Candidate:
       Unique among one layer's candidates on one mesh (`describe`).
     assignment: per mesh axis, the label names it splits, highest priority first.
     recompute: the forward runs again in the backward pass instead of keeping
-      activations (only the layer's inputs are kept).
+      activations (only the layer's inputs are kept, and what ops outside its module
+      calls, such as a loss, keep), as far as the backward reads it (`op_rerun`).
     param_specs: PartitionSpec entries per parameter, in the order of
       `LayerIR.param_ids`; optimizer-state leaves of a parameter take its spec.
     input_specs / output_specs: PartitionSpec entries of the boundary activations,
@@ -67,6 +91,16 @@ class Candidate:
     op_phase: per op, "forward" / "backward" / "optimizer".
     op_dtype: per op, the dtype name whose peak FLOP/s applies: a matmul's operand
       dtype ("tfloat32" for fp32 at default precision), else its first result's.
+    op_rerun: per op, whether a recomputation of the layer's forward runs it again:
+      the forward ops whose results the backward reads, directly or through other
+      forward ops. XLA drops the rest as dead code (the matmul that closes the layer's
+      output and its all-reduce, e.g.). The same for every candidate of a layer.
+    rerun_comms: the forward collectives such a recomputation issues again (those of
+      the ops it reruns, and the gathers of operands the backward reads), phase
+      "forward"; a candidate that recomputes lists them again in `comms` with phase
+      "recompute". Also what a recomputation of a whole pipeline stage issues for a
+      layer whose output no other layer reads.
+    param_gathers: one `ParamGather` per forward reshard of a parameter.
     param_bytes / grad_bytes / optimizer_bytes: per device, for the whole step.
     param_elements: parameter elements per device (for optimizer states that are not
       traced, see `cost.model_state_bytes`).
@@ -97,6 +131,9 @@ class Candidate:
   op_bytes: np.ndarray
   op_phase: tuple[str, ...]
   op_dtype: tuple[str, ...]
+  op_rerun: np.ndarray
+  rerun_comms: tuple[Comm, ...]
+  param_gathers: tuple[ParamGather, ...]
   param_bytes: float
   grad_bytes: float
   optimizer_bytes: float
@@ -243,6 +280,52 @@ class _Evaluator:
     self.op_dtype = tuple(rate(o) for o in ops)
     self.op_flops = np.array([o.flops for o in ops], dtype=np.float64)
     self.param_set = frozenset(ir.param_ids)
+    # The forward ops a recomputation runs again: those whose results the backward
+    # reads, directly or through other forward ops. XLA drops the rest of a
+    # rematerialised forward as dead code (e.g. a row-parallel matmul that closes the
+    # layer's output, and its all-reduce). Ops outside the layer's module calls (a
+    # loss the train step computes on the model's output) run outside those calls,
+    # hence outside their recomputation, and so does the backward that reads them.
+    producer = {v: k for k, o in enumerate(ops) if o.op.phase == "forward"
+                for v in o.op.out_ids}
+    in_modules = any(o.op.module for o in ops)
+    rerun = [False] * len(ops)
+    stack = [producer[v] for o in ops if o.op.phase == "backward"
+             and (o.op.module or not in_modules) for v in o.op.in_ids if v in producer]
+    while stack:
+      k = stack.pop()
+      if rerun[k]:
+        continue
+      rerun[k] = True
+      if ops[k].op.module or not in_modules:
+        stack.extend(producer[v] for v in ops[k].op.in_ids if v in producer)
+    self.op_rerun = np.array(rerun, dtype=bool)
+    # What the ops outside the module calls keep for their backward: kept whether or
+    # not the layer recomputes (the recomputation covers the module calls only).
+    self.batch_only = frozenset(ir.batch_ids) - frozenset(ir.kept_ids)
+    self.outside_kept = tuple(v for v in ir.kept_ids if v not in ir.constant_ids
+                              and v in producer and in_modules
+                              and not ops[producer[v]].op.module)
+    # Values that are a parameter under another dtype or shape (a convert, a reshape
+    # that adds unit dims): what reshards them reshards the parameter (see the parameter
+    # specs in `evaluate`). Value id -> (parameter id, per dim: the parameter's dim).
+    self.param_root: dict[int, tuple[int, tuple[int | None, ...]]] = {
+        v: (v, tuple(range(len(ir.values[v].shape)))) for v in ir.param_ids}
+    for o in ops:
+      ins = [v for v in o.op.in_ids if v >= 0]
+      if (o.op.phase != "forward" or o.family not in ("elementwise", "reshape") or len(ins) != 1
+          or ins[0] not in self.param_root or len(o.op.out_ids) != 1):
+        continue
+      src, dst = ir.values[ins[0]], ir.values[o.op.out_ids[0]]
+      keep = [d for d, n in enumerate(dst.shape) if n != 1]
+      src_keep = [d for d, n in enumerate(src.shape) if n != 1]
+      if ([dst.shape[d] for d in keep] != [src.shape[d] for d in src_keep]
+          or [dst.labels[d] for d in keep] != [src.labels[d] for d in src_keep]):
+        continue
+      root, dims = self.param_root[ins[0]]
+      to_src = dict(zip(keep, src_keep))
+      self.param_root[o.op.out_ids[0]] = (
+          root, tuple(dims[to_src[d]] if d in to_src else None for d in range(len(dst.shape))))
     self.nbytes = {vid: v.nbytes for vid, v in ir.values.items()}
     self._counts: dict[Layout, int] = {}
     self.op_info = []
@@ -357,6 +440,10 @@ class _Evaluator:
     get_id = layout_id.__getitem__
     effects, effect_sig = self._effects, self.effect_sig
     gathered: set[tuple[int, int]] | None = set() if self.live.broadcast_readers else None
+    op_rerun = self.op_rerun
+    rerun_comms: dict[tuple, tuple[float, int]] = {}  # forward ones a recomputation reissues
+    reshard_comms: dict[tuple, tuple] = {}  # rkey -> its collectives, when forward
+    reshard_rerun: set[tuple] = set()  # rkeys a recomputation (or the backward) needs
     for k, (keys, n_in, phase, in_ids) in enumerate(self.op_keys):
       key = (effect_sig[k], *map(get_id, keys))
       effect = effects.get(key, _MISSING)
@@ -375,6 +462,8 @@ class _Evaluator:
         # lowering makes a broadcast per reader, and each is resharded on its own.
         # The copy lives from its first reader to its last.
         rkey = (in_ids[pos], dst, k) if bcast else (in_ids[pos], dst)
+        if phase == "backward" or op_rerun[k]:
+          reshard_rerun.add(rkey)
         phases = seen_reshards.get(rkey)
         if phases is not None:
           phases.add(phase)
@@ -383,12 +472,22 @@ class _Evaluator:
         seen_reshards[rkey] = {phase}
         reshard_span[rkey] = [k, k, copy]
         transient[k] += rextra
+        if phase == "forward":
+          reshard_comms[rkey] = rcomms
         for ckey, b in rcomms:
           total, n = comms.get(ckey, (0.0, 0))
           comms[ckey] = (total + b, n + 1)
       for ckey, b in finishes:
         total, n = comms.get(ckey, (0.0, 0))
         comms[ckey] = (total + b, n + 1)
+        if phase == "forward" and op_rerun[k]:
+          total, n = rerun_comms.get(ckey, (0.0, 0))
+          rerun_comms[ckey] = (total + b, n + 1)
+    for rkey, rcomms in reshard_comms.items():
+      if rkey in reshard_rerun:
+        for ckey, b in rcomms:
+          total, n = rerun_comms.get(ckey, (0.0, 0))
+          rerun_comms[ckey] = (total + b, n + 1)
     op_bytes = np.array(op_bytes)
     op_frac = np.array(op_frac)
     local = lambda v: nbytes_of[v] / count(layouts[v])
@@ -409,6 +508,16 @@ class _Evaluator:
     grad_bytes = sum(local(v) for v in ir.grad_ids) if ir.grad_ids else param_bytes
     param_elements = sum(math.prod(ir.values[v].shape) / count(layouts[v]) for v in ir.param_ids)
     comm_list = [self._comm(key, total, n) for key, (total, n) in sorted(comms.items())]
+    param_index = {v: i for i, v in enumerate(ir.param_ids)}
+    param_gathers = []
+    for rkey, rcomms in reshard_comms.items():
+      root = self.param_root.get(rkey[0])
+      if root is not None and rcomms:
+        param_gathers.append(ParamGather(
+            param=param_index[root[0]], backward_reads="backward" in seen_reshards[rkey],
+            recomputed=rkey in reshard_rerun,
+            comms=tuple(self._comm(ckey, b, 1) for ckey, b in rcomms)))
+    rerun_list = tuple(self._comm(key, total, n) for key, (total, n) in sorted(rerun_comms.items()))
     flops = self.op_flops * op_frac
     names = ir.label_names
     specs = self._specs
@@ -419,14 +528,37 @@ class _Evaluator:
         spec = specs[lay] = _layout.to_spec(lay, self.names)
       return spec
 
+    # A parameter dim split over an axis the layer keeps (tensor parallel) and one it
+    # gathers before use (ZeRO) lists the kept axis first: gathering the other then
+    # leaves each device a contiguous shard of the kept split. In mesh order, XLA
+    # gathers over both axes and runs the layer data parallel.
+    gathered_axes: dict[int, list[set[int]]] = {}
+    for key in reshard_span:
+      root = self.param_root.get(key[0])
+      if root is None:
+        continue
+      vid, dims = root
+      per_dim = gathered_axes.setdefault(vid, [set() for _ in layouts[vid]])
+      for d, src_axes, dst_axes in zip(dims, layouts[key[0]], key[1]):
+        if d is not None:
+          per_dim[d].update(a for a in src_axes if a not in dst_axes)
+
+    def param_spec(vid: int) -> tuple:
+      lay = layouts[vid]
+      drop = gathered_axes.get(vid)
+      if drop is not None:
+        lay = tuple(tuple(sorted(axes, key=lambda a: (a in g, a))) for axes, g in zip(lay, drop))
+      return to_spec(lay)
+
     common = dict(
         assignment=tuple(tuple(names[l] for l in prefs) for prefs in assignment),
-        param_specs=tuple(to_spec(layouts[v]) for v in ir.param_ids),
+        param_specs=tuple(param_spec(v) for v in ir.param_ids),
         input_specs=tuple(to_spec(layouts[v]) for v in ir.input_ids),
         output_specs=tuple(to_spec(layouts[v]) for v in ir.output_ids),
         input_layouts=tuple(layouts[v] for v in ir.input_ids),
         output_layouts=tuple(layouts[v] for v in ir.output_ids),
         op_flops=flops, op_bytes=op_bytes, op_phase=self.op_phase, op_dtype=self.op_dtype,
+        op_rerun=self.op_rerun, rerun_comms=rerun_list, param_gathers=tuple(param_gathers),
         param_bytes=param_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
         param_elements=param_elements,
         batch_bytes=sum(local(v) for v in ir.batch_ids if v not in ir.kept_ids))
@@ -434,9 +566,11 @@ class _Evaluator:
     out = []
     for recompute in flags:
       if recompute:
-        activation = sum(local(v) for v in ir.input_ids)
-        fwd = [c for c in comm_list if c.phase == "forward"]
-        cands_comms = tuple(comm_list + [dataclasses.replace(c, phase="recompute") for c in fwd])
+        # (Batch leaves not kept anyway are `batch_bytes`.)
+        activation = sum(local(v) for v in (*ir.input_ids, *self.outside_kept)
+                         if v not in self.batch_only)
+        cands_comms = tuple(comm_list + [dataclasses.replace(c, phase="recompute")
+                                         for c in rerun_list])
         # The forward runs again inside the backward pass: the same peak as without
         # recomputation, over less memory held in between.
         temp = max(0.0, peak_bytes - max(activation, grad_bytes))
