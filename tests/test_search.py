@@ -121,6 +121,7 @@ def test_memory_limit_no_plan_meets(gpt2):
   with pytest.raises(search.InfeasibleError, match="No plan fits: the leanest") as err:
     search.plan_graph(graph, CPU8, args=args, memory_limit_bytes=1000)
   assert err.value.needed_bytes > 1000 and err.value.limit_bytes == 1000
+  assert "the limit is 1000 bytes" in str(err.value)
 
 
 def _exhaustive(graph, cluster, **knobs):
@@ -231,3 +232,12 @@ def test_costs_scaled_from_a_larger_microbatch_bound_the_smaller_ones(gpt2, mesh
         got = min(s + g + a * r * f for s, g, a in
                   zip(lb.state_bytes, lb.grad_bytes, lb.activation_bytes))
         assert got <= want * (1 + 1e-9), (lb.name, small_b, f)
+
+
+def test_infeasible_message_states_small_limits_in_readable_units():
+  """A limit far below a GiB reads in MiB/KiB/bytes, not as "0.00 GiB"."""
+  from uniap_jax.search._configs import format_bytes
+  assert format_bytes(40 * 2**30) == "40.00 GiB"
+  assert format_bytes(1.5 * 2**20) == "1.50 MiB"
+  assert format_bytes(3 * 2**10) == "3.00 KiB"
+  assert format_bytes(12) == "12 bytes"

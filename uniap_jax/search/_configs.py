@@ -13,6 +13,16 @@ from uniap_jax import strategies
 _GIB = 2**30
 
 
+def format_bytes(nbytes: float) -> str:
+  """Bytes for a message: GiB down to 0.01 GiB, then MiB, KiB or bytes (so that a small
+  limit never reads "0.00 GiB")."""
+  for unit, least in (("GiB", 0.01 * _GIB), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(nbytes) >= least:
+      size = {"GiB": _GIB, "MiB": 2**20, "KiB": 2**10}[unit]
+      return f"{nbytes / size:.2f} {unit}"
+  return f"{nbytes:.0f} bytes"
+
+
 MAX_MICROBATCHES = 64  # micro-batch counts searched by default are divisors up to this
 
 

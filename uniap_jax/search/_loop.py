@@ -19,7 +19,7 @@ from uniap_jax import solver
 from uniap_jax import strategies
 from uniap_jax.search._configs import Config
 from uniap_jax.search._configs import Progress
-from uniap_jax.search._configs import _GIB
+from uniap_jax.search._configs import format_bytes
 from uniap_jax.search._configs import configurations
 from uniap_jax.search._bounds import _Check
 from uniap_jax.search._bounds import _check_layers
@@ -202,8 +202,8 @@ def plan_graph(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
           "or pin pp= and num_microbatches= to search fewer configurations.")
     least = loop.least_memory()
     raise InfeasibleError(
-        f"No plan fits: the leanest configuration needs {least / _GIB:.2f} GiB per "
-        f"device; the limit is {limit / _GIB:.2f} GiB ({cluster.name!r}). Try more devices, "
+        f"No plan fits: the leanest configuration needs {format_bytes(least)} per "
+        f"device; the limit is {format_bytes(limit)} ({cluster.name!r}). Try more devices, "
         "a larger pp, schedule='1f1b', a smaller global_batch, or memory_limit_bytes= if the "
         "limit is wrong.", needed_bytes=least, limit_bytes=limit)
   value = loop.incumbent
@@ -255,8 +255,8 @@ def _warm_value(incumbent: plans.Plan, graph: graph_lib.LayerGraph,
                     "is pinned")
   peak = max(incumbent.predicted.memory_per_device_bytes, default=0)
   if peak > limit * (1 + solver.MEMORY_RTOL):
-    problems.append(f"it needs {peak / _GIB:.2f} GiB per device, over the limit of "
-                    f"{limit / _GIB:.2f} GiB")
+    problems.append(f"it needs {format_bytes(peak)} per device, over the limit of "
+                    f"{format_bytes(limit)}")
   if problems:
     raise ValueError("incumbent cannot warm-start this search: " + "; ".join(problems) +
                      ". Pass a plan made for the same step, cluster and knobs, or none.")
