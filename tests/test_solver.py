@@ -413,16 +413,23 @@ def test_identical_blocks_match_brute_force(num_stages, num_microbatches, by_sta
   assert sol.objective == pytest.approx(reference.objective, rel=1e-9)
 
 
-@pytest.mark.parametrize("num_stages,num_microbatches,by_stage", [
-    (1, 4, False), (2, 8, False), (3, 4, True), (4, 1, False), (4, 16, True)])
-def test_twelve_identical_blocks_dp_matches_scip(num_stages, num_microbatches, by_stage):
-  problem = transformer_like(12, num_stages, num_microbatches, 1.05, by_stage=by_stage)
+def dp_agrees_with_scip(problem):
+  """Solves a chain with the DP and with SCIP alone: both proven, same objective, and
+  the DP's assignment re-evaluated independently. Returns the DP's solution."""
   dp = solver.solve(problem, method="dp")
   scip = solver.solve(problem, method="miqp")
   assert dp.method == "chain_dp" and scip.method == "miqp"
   assert dp.status == scip.status == "optimal"
   assert dp.objective == pytest.approx(scip.objective, rel=1e-7)
   assert independent_objective(problem, dp.choice, dp.stage) == (pytest.approx(dp.objective), True)
+  return dp
+
+
+@pytest.mark.parametrize("num_stages,num_microbatches,by_stage", [
+    (1, 4, False), (2, 8, False), (3, 4, True), (4, 1, False), (4, 16, True)])
+def test_twelve_identical_blocks_dp_matches_scip(num_stages, num_microbatches, by_stage):
+  problem = transformer_like(12, num_stages, num_microbatches, 1.05, by_stage=by_stage)
+  dp = dp_agrees_with_scip(problem)
 
 
 def test_identical_blocks_mix_candidates_under_memory():
@@ -593,12 +600,7 @@ def test_one_f_one_b_chain_dp_matches_scip(num_stages, num_microbatches):
   lean = sum(min(row) for row in rows[-1:]) * 10 / num_stages
   problem = solver.Problem(layers=layers, edges=edges, num_stages=num_stages,
                            num_microbatches=num_microbatches, memory_limit=1.3 * lean + 3.0)
-  dp = solver.solve(problem, method="dp")
-  scip = solver.solve(problem, method="miqp")
-  assert dp.method == "chain_dp" and scip.method == "miqp"
-  assert dp.status == scip.status == "optimal"
-  assert dp.objective == pytest.approx(scip.objective, rel=1e-7)
-  assert independent_objective(problem, dp.choice, dp.stage) == (pytest.approx(dp.objective), True)
+  dp = dp_agrees_with_scip(problem)
   # The memory limit binds: stage 0 (most micro-batches kept) cannot take the fastest
   # candidate everywhere.
   assert max(dp.stage_memory) > 0.8 * problem.memory_limit

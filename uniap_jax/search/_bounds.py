@@ -357,6 +357,24 @@ def _param_axes(cand: strategies.Candidate) -> set[str]:
   return out
 
 
+def _cached(cache: dict, key: tuple, candidates, cluster) -> np.ndarray | None:
+  """Rows stored under `key` for these very candidates and cluster (the key holds ids,
+  so the stored objects are compared too), or None."""
+  got = cache.get(key)
+  if got is not None and got[0] is candidates and got[1] is cluster:
+    return got[2]
+  return None
+
+
+def _op_times(cand: strategies.Candidate,
+              cluster: cluster_lib.Cluster) -> tuple[np.ndarray, np.ndarray]:
+  """(seconds per op, phase per op) of one candidate, priced as the tables price them."""
+  per_op = cost.roofline_time_s(np.asarray(cand.op_flops, dtype=np.float64),
+                                np.asarray(cand.op_bytes, dtype=np.float64),
+                                cand.op_dtype, cluster)
+  return per_op, np.asarray(cand.op_phase)
+
+
 def _phase_times(candidates: Sequence[strategies.Candidate], mesh: strategies.MeshShape,
                  cluster: cluster_lib.Cluster, cache: dict) -> np.ndarray:
   """[6, candidate], at least what `cost.runtime_step_time_s` charges a position
@@ -368,15 +386,12 @@ def _phase_times(candidates: Sequence[strategies.Candidate], mesh: strategies.Me
   per candidate tuple and mesh in `cache`.
   """
   key = ("runtime_phase_rows", id(candidates), mesh, id(cluster))
-  got = cache.get(key)
-  if got is not None and got[0] is candidates and got[1] is cluster:
-    return got[2]
+  got = _cached(cache, key, candidates, cluster)
+  if got is not None:
+    return got
   rows = np.zeros((6, len(candidates)))
   for k, cand in enumerate(candidates):
-    per_op = cost.roofline_time_s(np.asarray(cand.op_flops, dtype=np.float64),
-                                  np.asarray(cand.op_bytes, dtype=np.float64),
-                                  cand.op_dtype, cluster)
-    phase = np.asarray(cand.op_phase)
+    per_op, phase = _op_times(cand, cluster)
     rows[0, k] = float(per_op[phase == "forward"].sum())
     rows[2, k] = float(per_op[phase == "backward"].sum())
     rows[4, k] = float(per_op[phase == "optimizer"].sum())
@@ -565,15 +580,12 @@ def _position_rows(candidates: Sequence[strategies.Candidate], mesh: strategies.
   collectives, per-backward-run collectives, optimizer collectives, optimizer compute,
   what a recomputation runs again (at most the forward); seconds per execution."""
   key = ("runtime_position_rows", id(candidates), mesh, id(cluster))
-  got = cache.get(key)
-  if got is not None and got[0] is candidates and got[1] is cluster:
-    return got[2]
+  got = _cached(cache, key, candidates, cluster)
+  if got is not None:
+    return got
   rows = np.zeros((9, len(candidates)))
   for k, cand in enumerate(candidates):
-    per_op = cost.roofline_time_s(np.asarray(cand.op_flops, dtype=np.float64),
-                                  np.asarray(cand.op_bytes, dtype=np.float64),
-                                  cand.op_dtype, cluster)
-    phase = np.asarray(cand.op_phase)
+    per_op, phase = _op_times(cand, cluster)
     rows[0, k] = float(per_op[phase == "forward"].sum())
     rerun = _rerun_s(cand, per_op)
     rows[1, k] = float(per_op[phase == "backward"].sum()) + (rerun if cand.recompute
