@@ -357,13 +357,15 @@ class _Search:
     while heap:
       key, level, i = heapq.heappop(heap)
       config = self.configs[i]
-      if time.perf_counter() >= self.deadline:
-        self.open_bounds.append(key)
-        self._report(config, "time_limit", key)
-        continue
+      # Pruned before the deadline test: a bound at or above the incumbent settles the
+      # configuration even when no time is left.
       if self.prune and not math.isinf(self.incumbent) and key >= self.incumbent:
         self.skipped += 1
         self._report(config, "pruned", key)
+        continue
+      if time.perf_counter() >= self.deadline:
+        self.open_bounds.append(key)
+        self._report(config, "time_limit", key)
         continue
       # Until there is an incumbent, the configuration taken goes straight on to its
       # solve (a dive) instead of back into the queue after each bound: bounding every
@@ -425,13 +427,13 @@ class _Search:
     for n, (key, i, tables) in enumerate(deferred):
       config = self.configs[i]
       now = time.perf_counter()
-      if now >= self.deadline:
-        self.open_bounds.append(key)
-        self._report(config, "time_limit", key)
-        continue
       if self.prune and key >= self.incumbent:
         self.skipped += 1
         self._report(config, "pruned", key)
+        continue
+      if now >= self.deadline:
+        self.open_bounds.append(key)
+        self._report(config, "time_limit", key)
         continue
       self._solve(config, tables, key, last=True,
                   limit_s=(self.deadline - now) / (len(deferred) - n))

@@ -75,16 +75,16 @@ def solve_one_stage(tables: _tables.Tables, *, upper_bound: float, incumbent, de
     add = tables.chain_same[q - 1][last, :] + tables.time[q][None, :]  # [L, kmax]
     for u, same in incoming[q]:
       add = add + same[digits[:, before.index(u)], :]
-    new_time = (time[:, None] + add).ravel()
-    new_mem = (mem[:, None] + memory[q][None, :]).ravel()
-    new_cand = np.tile(cand, len(grp))
-    parent = np.repeat(np.arange(len(grp)), kmax)
-    new_grp = np.zeros(len(new_time), dtype=np.int64)
+    new_time = time[:, None] + add  # [L, kmax]
+    new_mem = mem[:, None] + memory[q][None, :]
+    # Only the extensions the bound keeps are materialised: most are cut here.
+    parent, new_cand = np.nonzero(prune(new_time, new_mem, q))
+    new_grp = np.zeros(len(parent), dtype=np.int64)
     for position, u in enumerate(after):
-      digit = new_cand if u == q else np.repeat(digits[:, before.index(u)], kmax)
+      digit = new_cand if u == q else digits[parent, before.index(u)]
       new_grp += digit * kmax ** position
-    ok = prune(new_time, new_mem, q)
-    labels = _labels.pareto(new_grp[ok], new_time[ok], new_mem[ok], parent[ok], new_cand[ok])
+    labels = _labels.pareto(new_grp, new_time[parent, new_cand], new_mem[parent, new_cand],
+                            parent, new_cand)
     steps.append(tuple(labels))
     if len(labels.time) == 0:
       break

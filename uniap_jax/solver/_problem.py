@@ -42,9 +42,11 @@ def _as_table(value, *, ndim: int, what: str, fix: str) -> np.ndarray:
 
 
 def _as_tuple(array: np.ndarray):
+  """Nested tuples of Python floats (`tolist` converts in C: a T5 problem's edge tables
+  hold tens of millions of entries)."""
   if array.ndim == 1:
-    return tuple(float(x) for x in array)
-  return tuple(_as_tuple(row) for row in array)
+    return tuple(array.tolist())
+  return tuple(map(tuple, array.tolist()))
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
