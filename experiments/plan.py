@@ -3,6 +3,7 @@
   python -m experiments.plan --model=llama_7b --cluster=a100-40g-4x4 --global_batch=32 --out=plan.json
 """
 
+import sys
 import time
 
 from absl import app
@@ -58,11 +59,14 @@ def main(argv):
       bar.update(task, total=p.total, completed=p.done,
                  description=f"{p.config.describe()} {p.status}, best {best}")
 
-    plan = ua.plan(
-        models.train_step(_MODEL.value), model, optimizer, batch, cluster=cluster,
-        pp=_PP.value, num_microbatches=_MICROBATCHES.value, schedule=_SCHEDULE.value,
-        memory_limit_bytes=_MEMORY.value * 2**30 if _MEMORY.value else None,
-        time_limit_s=_TIME_LIMIT.value, objective=_OBJECTIVE.value, progress=report)
+    try:
+      plan = ua.plan(
+          models.train_step(_MODEL.value), model, optimizer, batch, cluster=cluster,
+          pp=_PP.value, num_microbatches=_MICROBATCHES.value, schedule=_SCHEDULE.value,
+          memory_limit_bytes=_MEMORY.value * 2**30 if _MEMORY.value else None,
+          time_limit_s=_TIME_LIMIT.value, objective=_OBJECTIVE.value, progress=report)
+    except ValueError as e:  # no plan fits, budget too short, bad knobs: the message says
+      sys.exit(f"{_MODEL.value} ({_SIZE.value}) on {cluster.name}: {e}")
   print(f"{_MODEL.value} ({_SIZE.value}) on {cluster.name}, planned in "
         f"{time.perf_counter() - start:.1f} s (tracing included)")
   print(plan.summary())

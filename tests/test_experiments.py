@@ -308,3 +308,15 @@ def test_scaling_tiny_grid(tmp_path):
   assert [r["devices"] for r in devices] == ["8", "16"]
   assert all(r["status"] == "optimal" and float(r["gap"]) == 0 for r in rows)
   assert not (tmp_path / "scaling.png").exists()
+
+
+def test_plan_launcher_says_why_no_plan_fits_without_a_traceback():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  done = subprocess.run(
+      [sys.executable, "-m", "experiments.plan", "--model=gpt2", "--size=tiny",
+       "--cluster=cpu-8", "--global_batch=8", "--memory_limit_gib=0.0001", "--time_limit_s=60"],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 1
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert "gpt2 (tiny) on cpu-8: No plan fits" in done.stderr, done.stderr[-3000:]
+  assert "per device; the limit is 104.86 KiB" in done.stderr
