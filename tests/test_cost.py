@@ -398,6 +398,12 @@ def test_gathers_whose_collectives_xla_decides_otherwise_are_not_offered():
   say that, so these candidates are left out. Split over the whole mesh, with ids
   split along one dim (FSDP over the vocabulary), it compiles as predicted (the
   ("gpt", "fsdp_vocab") case above).
+
+  The same holds for the table's hidden dim split on an axis that also splits the
+  ids (the sequence and the hidden dim on "tp"): XLA gathers the table instead of the
+  ids and all-reduces its whole gradient. Only the hidden dim split over the whole
+  mesh, with the batch over the same axes (the ("gpt", "fsdp") case), compiles as
+  the rules say.
   """
   graph = _GRAPHS.setdefault("gpt", _graph(GPT))
   mesh_shape = strategies.mesh_shapes(CPU8, 8)[2]
@@ -412,10 +418,13 @@ def test_gathers_whose_collectives_xla_decides_otherwise_are_not_offered():
     _pick(embed, {"embedding": ALL}, seq_ids)  # the whole mesh, ids split along two dims
   with pytest.raises(AssertionError, match="no candidate"):
     _pick(head, {"out/kernel": (None, "tp"), "ln/scale": R}, [seq_ids[0]] * 2)
-  # What stays: the same layouts without the clash, and the whole-mesh split.
+  with pytest.raises(AssertionError, match="no candidate"):
+    _pick(embed, {"embedding": (None, "tp")}, seq_ids)  # hidden and sequence on "tp"
+  # What stays: the same layouts without the clash, and the whole-mesh splits.
   _pick(embed, {"embedding": ("tp",)}, [("dp",)])
-  _pick(embed, {"embedding": (None, "tp")}, seq_ids)
+  _pick(embed, {"embedding": (None, "tp")}, [("dp",)])
   _pick(embed, {"embedding": ALL}, [ALL])
+  _pick(embed, {"embedding": (None, ALL[0])}, [ALL])
   _pick(head, {"out/kernel": (None, "tp"), "ln/scale": R}, [("dp",), ("dp",)])
   _pick(head, {"out/kernel": R, "ln/scale": R}, [seq_ids[0]] * 2)
 

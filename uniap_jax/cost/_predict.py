@@ -52,15 +52,18 @@ Two counts:
       * the state is stored split over "pp" (so that a device holds a 1/pp share of
         every leaf) and gathered into per-stage stacks each step by one all-to-all per
         parameter leaf, whose gradients go back the same way.
+      * the loss, which the graph puts into the last layer (ops outside its module
+        calls, `Candidate.op_outside`), runs once per step outside the pipeline on the
+        whole batch: its compute and collectives (`Candidate.outside_comms`) once, M
+        times the bytes of a micro-batch for values with a batch dim;
+      * inside the shard_map a layer's collectives are its candidate's
+        `pipeline_comms` (an embedding table split over every axis along its rows
+        has its gradient formed by gathering ids and cotangents in every backward
+        run, where a plain jit reduce-scatters it).
     Not counted here (the tables do not know it): the psum over "pp" of the model's
-    returned arrays, once per step (M micro-batches of the last call's outputs), and
-    that the loss, which the graph puts into the last layer, is reduced once per step
-    outside the pipeline rather than once per run (its collectives, too, are charged
-    per forward run of the last layer). Not modelled, because the candidates do not
-    say how XLA partitions their ops: with small micro-batches XLA gathers the
-    activations rather than the ZeRO weights. (The gradient of an embedding table
-    split over every mesh axis, with the ids split over it, is formed by gathering the
-    ids and the cotangents in every backward run: the scatter rule says so.)
+    returned arrays, once per step (M micro-batches of the last call's outputs). Not
+    modelled, because the candidates do not say how XLA partitions their ops: with
+    small micro-batches XLA gathers the activations rather than the ZeRO weights.
 """
 
 from __future__ import annotations
@@ -255,6 +258,8 @@ def _runtime(tables, choice, stage_of, executor: str) -> Summary:
           _add(out, kind, names, x, runs)
   for local in program.slot_bytes:
     _add(out, "send", (PIPELINE_AXIS,), local, permutes)
+  for comm in _outside_comms(tables, choice):  # outside the shard_map: no manual axes
+    _add(out, comm.kind, comm.axes, comm.bytes, comm.count)
   for layer, n in program.stacks:
     leaves = len(layer.param_paths)
     if not leaves:
@@ -313,9 +318,61 @@ def _split_gathers(comms: Sequence[strategies.Comm],
   return out
 
 
-def _position_comms(cand: strategies.Candidate) -> list[tuple[strategies.Comm, bool]]:
-  """The candidate's collectives, its forward parameter gathers apart (True)."""
-  return _split_gathers(cand.comms, [c for g in cand.param_gathers for c in g.comms])
+def _inside_comms(cand: strategies.Candidate, *, bounds_view: bool = False
+                  ) -> list[strategies.Comm]:
+  """The collectives a layer position issues inside the pipeline: its candidate's
+  `pipeline_comms` without those of the ops outside its module calls (a loss), which
+  run once per step outside the pipeline (`_outside_comms`). With `bounds_view`, the
+  candidate's `comms` as they are (see `runtime_step_time_s`)."""
+  if bounds_view:
+    return list(cand.comms)
+  if not cand.outside_comms:
+    return list(cand.pipeline_comms)
+  less: dict[tuple, list[float]] = {}
+  for c in cand.outside_comms:
+    got = less.setdefault((c.kind, c.axes, c.phase, c.per_step), [0.0, 0])
+    got[0] += c.bytes * c.count
+    got[1] += c.count
+  out = []
+  for c in cand.pipeline_comms:
+    got = less.get((c.kind, c.axes, c.phase, c.per_step))
+    if got is None:
+      out.append(c)
+      continue
+    n = c.count - got[1]
+    if n > 0:
+      out.append(dataclasses.replace(c, bytes=(c.bytes * c.count - got[0]) / n, count=n))
+  return out
+
+
+def _outside_comms(tables: _tables.CostTables, choice: Mapping[str, int]
+                   ) -> list[strategies.Comm]:
+  """The collectives of the ops outside the layers' module calls (the loss on the
+  model's output), as the runtime runs them: once per step, outside the pipeline, on
+  the whole batch (values with a batch dim move the bytes of every micro-batch). The
+  batch arrives there split over the manual data axes as well: a sum over it (the
+  loss's mean) is all-reduced over those of them the candidate does not split it on."""
+  m = tables.num_microbatches
+  data = [a for a in manual_axes(tables, choice) if a != PIPELINE_AXIS]
+  out = []
+  for layer in tables.layers:
+    cand = layer.candidates[choice[layer.name]]
+    for c, scaled in zip(cand.outside_comms, cand.outside_scales):
+      out.append(dataclasses.replace(c, bytes=c.bytes * (m if scaled else 1)))
+    for nbytes, axes in cand.outside_batch_sums:
+      extra = tuple(a for a in data if a not in axes)
+      if extra:
+        out.append(strategies.Comm(kind="all-reduce", axes=extra, bytes=nbytes,
+                                   phase="forward"))
+  return out
+
+
+def _position_comms(cand: strategies.Candidate, *, bounds_view: bool = False
+                    ) -> list[tuple[strategies.Comm, bool]]:
+  """The collectives a layer position issues inside the pipeline (`_inside_comms`),
+  its forward parameter gathers apart (True)."""
+  return _split_gathers(_inside_comms(cand, bounds_view=bounds_view),
+                        [c for g in cand.param_gathers for c in g.comms])
 
 
 def _regathers(position: int, program: "_Program", split: tuple[int, ...],
@@ -466,6 +523,13 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
   (each device updates its 1/pp share of every leaf) and the all-to-alls between the
   stored state and the stacks. With one stage and one micro-batch this is the sum of
   the layers' per-micro-batch and per-step times (what the solver's objective gives).
+  Two departures from `collectives_by_stage`, kept because the search's lower bounds
+  (`search._bounds`) price candidates so and must stay below this figure: the loss
+  (ops outside the last layer's module calls) is charged with its layer position,
+  per run, not once per step outside the pipeline (an overestimate); and a layer's
+  collectives are its candidate's `comms`, not its `pipeline_comms` (an embedding
+  table's gradient reduce-scattered per backward run, where XLA gathers the ids and
+  cotangents instead).
 
   Compare `solver.Solution.objective` (the paper's GPipe time, sum of stage times +
   sends + (c - 1) x the slowest): the runtime's figure is larger by the recomputation,
@@ -497,7 +561,7 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
                     *_regathers(p, program, split, choice)):
       if not set(comm.axes) & manual:
         forward += _formulas.comm_time_s(comm, mesh, cluster) * comm.count * n
-    for comm, gathers in _position_comms(cand):
+    for comm, gathers in _position_comms(cand, bounds_view=True):
       if set(comm.axes) & manual or not _comm_runs(comm, manual, 1, 1):
         continue  # over manual axes: the psum of the stacked gradients below
       t = _formulas.comm_time_s(comm, mesh, cluster) * comm.count

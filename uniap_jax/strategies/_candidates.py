@@ -101,6 +101,25 @@ class Candidate:
       "recompute". Also what a recomputation of a whole pipeline stage issues for a
       layer whose output no other layer reads.
     param_gathers: one `ParamGather` per forward reshard of a parameter.
+    op_outside: per op, whether it lies outside the layer's module calls (a loss the
+      train step computes on the model's output, which the graph puts into the last
+      layer). The same for every candidate of a layer. A pipelined runtime runs these
+      ops once per step, outside the pipeline, on the whole batch.
+    outside_comms: the collectives of those ops, among `comms` (phase "forward" or
+      "backward", per micro-batch), and `outside_scales` per collective whether its
+      value has a batch dim (run on the whole batch, it moves that many times the
+      bytes; a scalar loss's all-reduce does not).
+    outside_batch_sums: per reduction among those ops that sums over a batch dim (a
+      loss's mean): the bytes of its result on one device and the mesh axes that
+      split the batch dim there. Outside a pipeline whose shard_map makes further
+      batch axes manual, the batch arrives split over those too, and XLA all-reduces
+      the result over them (once per step).
+    pipeline_comms: `comms` as XLA compiles them when the layer runs inside a
+      pipeline's shard_map, with the axes concerned automatic: the gradient of a table
+      split over every mesh axis along its rows, with the ids split along one dim, is
+      formed there by gathering the ids and the cotangents in every backward run
+      (phase "backward", not per step), where a plain jit reduce-scatters it (see
+      `_rules.rule_scatter`). Equal to `comms` for every other layer.
     param_bytes / grad_bytes / optimizer_bytes: per device, for the whole step.
     param_elements: parameter elements per device (for optimizer states that are not
       traced, see `cost.model_state_bytes`).
@@ -134,6 +153,11 @@ class Candidate:
   op_rerun: np.ndarray
   rerun_comms: tuple[Comm, ...]
   param_gathers: tuple[ParamGather, ...]
+  op_outside: np.ndarray
+  outside_comms: tuple[Comm, ...]
+  outside_scales: tuple[bool, ...]
+  outside_batch_sums: tuple[tuple[float, tuple[str, ...]], ...]
+  pipeline_comms: tuple[Comm, ...]
   param_bytes: float
   grad_bytes: float
   optimizer_bytes: float
@@ -300,6 +324,16 @@ class _Evaluator:
       if ops[k].op.module or not in_modules:
         stack.extend(producer[v] for v in ops[k].op.in_ids if v in producer)
     self.op_rerun = np.array(rerun, dtype=bool)
+    self.op_outside = np.array([in_modules and not o.op.module for o in ops], dtype=bool)
+    # Reductions outside the module calls that sum over a batch dim (a loss's mean).
+    self.outside_sums = tuple(
+        k for k, o in enumerate(ops) if self.op_outside[k] and o.family == "reduction"
+        and o.op.in_ids and o.op.in_ids[0] >= 0 and any(
+            d < len(ir.values[o.op.in_ids[0]].labels)
+            and ir.values[o.op.in_ids[0]].labels[d] in ir.batch_labels
+            for d in o.op.param("axes", ())))
+    self.batch_valued = frozenset(vid for vid, v in ir.values.items()
+                                  if set(v.labels) & set(ir.batch_labels))
     # What the ops outside the module calls keep for their backward: kept whether or
     # not the layer recomputes (the recomputation covers the module calls only).
     self.batch_only = frozenset(ir.batch_ids) - frozenset(ir.kept_ids)
@@ -411,6 +445,13 @@ class _Evaluator:
           return False
     return True
 
+  def _idle_devices(self, layouts: Mapping[int, Layout]) -> int:
+    """The product of the sizes of the mesh axes that split no value of the layer."""
+    used = set()
+    for lay in set(layouts.values()):
+      used.update(_layout.used_axes(lay))
+    return math.prod(n for a, n in enumerate(self.sizes) if a not in used)
+
   def _count(self, layout: Layout) -> int:
     n = self._counts.get(layout)
     if n is None:
@@ -442,6 +483,13 @@ class _Evaluator:
     gathered: set[tuple[int, int]] | None = set() if self.live.broadcast_readers else None
     op_rerun = self.op_rerun
     rerun_comms: dict[tuple, tuple[float, int]] = {}  # forward ones a recomputation reissues
+    outside: dict[tuple, tuple[float, int]] = {}  # (key, batch-valued) -> of outside ops
+    in_pipeline: dict[tuple, tuple[float, int]] = {}  # changes inside a pipeline
+    op_outside, batch_valued = self.op_outside, self.batch_valued
+
+    def count_in(table: dict, key: tuple, b: float, n: int = 1) -> None:
+      total, m = table.get(key, (0.0, 0))
+      table[key] = (total + b, m + n)
     reshard_comms: dict[tuple, tuple] = {}  # rkey -> its collectives, when forward
     reshard_rerun: set[tuple] = set()  # rkeys a recomputation (or the backward) needs
     for k, (keys, n_in, phase, in_ids) in enumerate(self.op_keys):
@@ -453,7 +501,13 @@ class _Evaluator:
                                              tuple(lays[i] for i in key[n_in + 1:]))
       if effect is None:  # XLA's collectives for this op are not predictable
         return []
-      op_frac[k], op_bytes[k], reshards, finishes, transient[k] = effect
+      op_frac[k], op_bytes[k], reshards, finishes, transient[k], swap, _ = effect
+      if swap is not None and not op_outside[k]:
+        removed, added = swap
+        for ckey, b in removed:
+          count_in(in_pipeline, ckey, -b, -1)
+        for ckey, b in added:
+          count_in(in_pipeline, ckey, b)
       for pos, dst, bcast, copy, rextra, rcomms in reshards:
         if gathered is not None and rcomms:
           gathered.add((k, pos))
@@ -477,9 +531,15 @@ class _Evaluator:
         for ckey, b in rcomms:
           total, n = comms.get(ckey, (0.0, 0))
           comms[ckey] = (total + b, n + 1)
-      for ckey, b in finishes:
+          if op_outside[k]:
+            count_in(outside, (ckey, in_ids[pos] in batch_valued), b)
+      out_ids = self.op_info[k][2]
+      for (ckey, b), j in zip(finishes, effect[6]):
+        v = out_ids[j]
         total, n = comms.get(ckey, (0.0, 0))
         comms[ckey] = (total + b, n + 1)
+        if op_outside[k]:
+          count_in(outside, (ckey, v in batch_valued), b)
         if phase == "forward" and op_rerun[k]:
           total, n = rerun_comms.get(ckey, (0.0, 0))
           rerun_comms[ckey] = (total + b, n + 1)
@@ -488,6 +548,16 @@ class _Evaluator:
         for ckey, b in rcomms:
           total, n = rerun_comms.get(ckey, (0.0, 0))
           rerun_comms[ckey] = (total + b, n + 1)
+    scattered = [math.prod(sizes[a] for a in key[1]) for key in comms
+                 if key[0] == "reduce-scatter"]
+    if scattered and min(scattered) <= self._idle_devices(layouts):
+      # Mesh axes that split nothing in the layer, at least as many devices as a
+      # gradient is reduce-scattered over (ZeRO / FSDP): XLA's partitioner moves the
+      # parameter's shards onto the idle axes with collective-permutes, and gathers and
+      # reduces over other groups than the plan's (on 4x2 meshes: FSDP over the 2-way
+      # axis beside an idle 4-way one, not over the 4-way one beside an idle 2-way).
+      # Not predictable, so not offered.
+      return []
     op_bytes = np.array(op_bytes)
     op_frac = np.array(op_frac)
     local = lambda v: nbytes_of[v] / count(layouts[v])
@@ -508,6 +578,26 @@ class _Evaluator:
     grad_bytes = sum(local(v) for v in ir.grad_ids) if ir.grad_ids else param_bytes
     param_elements = sum(math.prod(ir.values[v].shape) / count(layouts[v]) for v in ir.param_ids)
     comm_list = [self._comm(key, total, n) for key, (total, n) in sorted(comms.items())]
+    pipeline_list = comm_list
+    if in_pipeline:
+      merged = dict(comms)
+      for key, (b, n) in in_pipeline.items():
+        total, m = merged.get(key, (0.0, 0))
+        merged[key] = (total + b, m + n)
+      pipeline_list = [self._comm(key, total, n) for key, (total, n) in sorted(merged.items())
+                       if n > 0]
+    outside_list = sorted(outside.items())
+    batch_sums = []
+    for k in self.outside_sums:
+      o = ir.ops[k]
+      src = ir.values[o.op.in_ids[0]]
+      reduced = set(o.op.param("axes", ()))
+      lay = layouts[o.op.in_ids[0]]
+      split = {a for d in reduced if d < len(lay) for a in lay[d]
+               if src.labels[d] in ir.batch_labels}
+      out = o.op.out_ids[0]
+      batch_sums.append((nbytes_of[out] / count(layouts[out]),
+                         tuple(self.names[a] for a in sorted(split))))
     param_index = {v: i for i, v in enumerate(ir.param_ids)}
     param_gathers = []
     for rkey, rcomms in reshard_comms.items():
@@ -559,6 +649,10 @@ class _Evaluator:
         output_layouts=tuple(layouts[v] for v in ir.output_ids),
         op_flops=flops, op_bytes=op_bytes, op_phase=self.op_phase, op_dtype=self.op_dtype,
         op_rerun=self.op_rerun, rerun_comms=rerun_list, param_gathers=tuple(param_gathers),
+        op_outside=self.op_outside,
+        outside_comms=tuple(self._comm(key, total, n) for (key, _), (total, n) in outside_list),
+        outside_scales=tuple(scaled for (_, scaled), _ in outside_list),
+        outside_batch_sums=tuple(batch_sums),
         param_bytes=param_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
         param_elements=param_elements,
         batch_bytes=sum(local(v) for v in ir.batch_ids if v not in ir.kept_ids))
@@ -569,8 +663,9 @@ class _Evaluator:
         # (Batch leaves not kept anyway are `batch_bytes`.)
         activation = sum(local(v) for v in (*ir.input_ids, *self.outside_kept)
                          if v not in self.batch_only)
-        cands_comms = tuple(comm_list + [dataclasses.replace(c, phase="recompute")
-                                         for c in rerun_list])
+        recomputed = [dataclasses.replace(c, phase="recompute") for c in rerun_list]
+        cands_comms = tuple(comm_list + recomputed)
+        pipe_comms = tuple(pipeline_list + recomputed)
         # The forward runs again inside the backward pass: the same peak as without
         # recomputation, over less memory held in between.
         temp = max(0.0, peak_bytes - max(activation, grad_bytes))
@@ -583,9 +678,11 @@ class _Evaluator:
                           if key[0] in self.param_set
                           and {"forward", "backward"} <= seen_reshards[key])
         cands_comms = tuple(comm_list)
+        pipe_comms = tuple(pipeline_list)
         temp = max(0.0, peak_bytes - max(activation, grad_bytes))
       out.append(Candidate(name=name + (" +remat" if recompute else ""), recompute=recompute,
-                           comms=cands_comms, activation_bytes=activation, temp_bytes=temp,
+                           comms=cands_comms, pipeline_comms=pipe_comms,
+                           activation_bytes=activation, temp_bytes=temp,
                            **common))
     return out
 
@@ -603,10 +700,13 @@ class _Evaluator:
     """What op k does under the given operand and result layouts, for `evaluate`.
 
     Returns (FLOP fraction, local bytes, reshards, finishing collectives, transient
-    bytes): reshards as (operand position, target layout, implicitly broadcast, bytes
-    of the copy, bytes on the way, collectives); collectives as ((kind, axes, phase,
-    per_step), bytes). Shared by ops with the same `effect_sig`. None where the rule
-    says XLA's collectives are not predictable (`_rules.Plan.predictable`).
+    bytes, pipeline swap, result position of each finishing collective): reshards as
+    (operand position, target layout, implicitly broadcast, bytes of the copy, bytes
+    on the way, collectives); collectives as ((kind, axes, phase, per_step), bytes);
+    the swap None, or (collectives removed, collectives added) inside a pipeline
+    (`_rules.Plan.pipeline_gathers`). Shared by ops with the same `effect_sig`. None
+    where the rule says XLA's collectives are not predictable
+    (`_rules.Plan.predictable`).
     """
     ir, sizes, count, nbytes_of = self.ir, self.sizes, self._count, self.nbytes
     o, in_ids, out_ids, implicit, in_shapes, _ = self.op_info[k]
@@ -641,20 +741,35 @@ class _Evaluator:
                        tuple(((kind, axes, phase, False), b) for kind, axes, b in rcomms)))
     local_out = extra = 0.0
     finishes = []
-    for v, natural, partial, target in zip(out_ids, plan.out_natural, plan.out_partial, outs):
+    finish_pos = []
+    for j, (v, natural, partial, target) in enumerate(zip(out_ids, plan.out_natural,
+                                                          plan.out_partial, outs)):
       nbytes = nbytes_of[v]
       local_out += nbytes / count(target)
       if natural == target and not partial:
         continue
-      fkey = (natural, partial, target, nbytes)
+      fkey = (natural, partial, target, nbytes, plan.combine)
       result = self._finish.get(fkey)
       if result is None:
-        result = self._finish[fkey] = _layout.finish(natural, partial, target, nbytes, sizes)
+        result = self._finish[fkey] = _layout.finish(natural, partial, target, nbytes, sizes,
+                                                     combine=plan.combine)
       fcomms, peak = result
       extra += peak  # the unreduced or not yet resharded result
       per_step = phase == "optimizer" or (phase == "backward" and v in ir.grad_like_ids)
       finishes.extend(((kind, axes, phase, per_step), b) for kind, axes, b in fcomms)
-    return plan.frac, local_in + local_out, tuple(reshards), tuple(finishes), extra
+      finish_pos.extend(j for _ in fcomms)
+    swap = None
+    if plan.pipeline_gathers:
+      # Inside a pipeline: the operands named are gathered over those axes instead.
+      axes = plan.pipeline_gathers
+      added = []
+      for pos in plan.pipeline_operands:
+        src, v = ins[pos], in_ids[pos]
+        gcomms, _ = _layout.reshard(src, _layout.drop(src, axes), nbytes_of[v], sizes)
+        added.extend(((kind, a, phase, False), b) for kind, a, b in gcomms)
+      swap = (tuple(finishes), tuple(added))
+    return (plan.frac, local_in + local_out, tuple(reshards), tuple(finishes), extra, swap,
+            tuple(finish_pos))
 
 def value_layouts(ir: _ir.LayerIR, mesh: _mesh.MeshShape,
                   candidate: Candidate) -> dict[int, Layout]:

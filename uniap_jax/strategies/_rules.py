@@ -34,7 +34,11 @@ class Plan:
 
   `predictable` is False where XLA's partitioner is known to choose collectives these
   rules do not model; a candidate with such an op is not offered (its cost would be
-  a guess).
+  a guess). `combine` says how XLA combines the partial sums (`_layout.finish`): a
+  contraction by the result dims they are scattered over, a reduction dim by dim.
+  `pipeline_gathers`: inside a pipeline's shard_map (these axes automatic), XLA
+  gathers the operands at `pipeline_operands` over these axes and runs the op
+  without the result's collectives (`rule_scatter`).
   """
 
   in_targets: tuple[Layout | None, ...]
@@ -42,6 +46,9 @@ class Plan:
   out_partial: tuple[Partial, ...]
   frac: float
   predictable: bool = True
+  combine: str = "scatter-first"
+  pipeline_gathers: frozenset[int] = frozenset()
+  pipeline_operands: tuple[int, ...] = ()
 
 
 def _groups(axes_per_dim: Sequence[Sequence[int]]) -> Partial:
@@ -162,7 +169,8 @@ def rule_reduction(ctx: Context) -> Plan:
                     for s in ctx.in_shapes),
               tuple(natural if len(o) == len(natural) else tuple(() for _ in o)
                     for o in ctx.out_shapes),
-              tuple(partial for _ in range(n_out)), 1.0 / _count(src, ctx.sizes))
+              tuple(partial for _ in range(n_out)), 1.0 / _count(src, ctx.sizes),
+              combine="reduction")
 
 
 def rule_arg_reduction(ctx: Context) -> Plan:
@@ -181,7 +189,14 @@ def _matmul(ctx: Context, l_layout: Layout, r_layout: Layout, out: Layout,
   """How XLA runs a contraction whose result layout is known: output-driven.
 
   Operands are resharded so that batch and free dims match the result; contracting
-  dims keep the axes both operands split them on, and those axes leave partial sums.
+  dims keep the axes both operands split them on, and those axes leave partial sums,
+  combined as `_layout.finish` says for contractions (a kernel split P("dp", "tp")
+  whose gradient sums a batch split over both: two full all-reduces, no
+  reduce-scatter). A result dim split over summed axes and kept ones (a weight
+  gradient under ZeRO over tensor parallelism) is reduce-scattered within the kept
+  shard: the parameter's spec lists the kept axes first (`_candidates`), as XLA
+  needs for that; listed the other way round, XLA reduce-scatters over another group
+  and permutes the shards.
   (When the result's layout is pinned, as a plan pins it, XLA's partitioner does
   this; an operand-driven alternative, keeping operands and resharding the result,
   is what its propagation picks when nothing is pinned and layouts conflict.)
@@ -212,7 +227,8 @@ def _matmul(ctx: Context, l_layout: Layout, r_layout: Layout, out: Layout,
     partial = _groups(contr)
     used = {x for t in (lt, rt) for axes in t for x in axes}
     return Plan((tuple(lt), tuple(rt)) + tuple(_replicated(s) for s in ctx.in_shapes[2:]),
-                (tuple(nat),), (partial,), 1.0 / math.prod(ctx.sizes[x] for x in used))
+                (tuple(nat),), (partial,), 1.0 / math.prod(ctx.sizes[x] for x in used),
+                combine="contraction")
 
   # Output-driven: operands resharded to the result's split; summed axes stay split.
   o = _drop(out, cset)
@@ -287,9 +303,21 @@ def rule_gather(ctx: Context) -> Plan:
   tt: list[tuple[int, ...]] = [() for _ in t_shape]
   used: set[int] = set()
   for d in kept:
-    if slice_sizes[d] == t_shape[d]:  # partial windows stay whole
+    # Partial windows stay whole. The window is the traced one: scaled to a
+    # micro-batch, a window over the whole batch is at least the batch.
+    if slice_sizes[d] >= t_shape[d]:
       tt[d] = tuple(table[d])
       used.update(tt[d])
+  # Ids split over an axis that also splits the table's rows (the hidden dim over tp,
+  # the sequence over tp too): the rules gather the ids. XLA does so only where the
+  # ids are split along one dim over exactly the rows' axes, and those are the whole
+  # mesh (FSDP over the hidden dim and the batch); otherwise it gathers the table,
+  # all-reduces its whole gradient and moves results with all-to-alls, or moves
+  # shards onto the axes left idle with collective-permutes. Not predictable then.
+  index_dims = [set(axes) for axes in indices[:-1] if axes]
+  every = {a for a, n in enumerate(ctx.sizes) if n > 1}
+  shared = any(x in used for axes in indices for x in axes) and not (
+      len(index_dims) == 1 and index_dims[0] == used == every)
   it = [tuple(x for x in axes if x not in used) for axes in indices]
   it[-1] = ()  # the index vector
   used.update(x for axes in it for x in axes)
@@ -309,7 +337,8 @@ def rule_gather(ctx: Context) -> Plan:
   index_splits = [axes for axes in it[:-1] if axes]
   return Plan((tuple(tt), tuple(it)), (tuple(natural),), (partial,),
               1.0 / _count(tuple(natural), ctx.sizes),
-              predictable=_predictable_clash(clash, table, index_splits, ctx.sizes))
+              predictable=not shared and _predictable_clash(clash, table, index_splits,
+                                                            ctx.sizes))
 
 
 def _predictable_clash(clash: set[int], table: Layout, index_splits: Sequence[Sequence[int]],
@@ -371,10 +400,17 @@ def rule_scatter(ctx: Context) -> Plan:
       partial.append(ut[ud])
   natural_t = _drop(tuple(natural), frozenset(x for p in partial for x in p))
   targets = (natural_t, tuple(it), tuple(ut))
+  predictable = _predictable_clash(clash, out, [ut[ud] for ud in scatter_dims if ut[ud]],
+                                   ctx.sizes)
+  # The predictable clash (rows split over every axis, updates along one scatter dim):
+  # a plain jit reduce-scatters the result; inside a pipeline's shard_map XLA gathers
+  # the indices and the updates over those axes in every run instead, and each device
+  # scatters into the rows it owns.
+  pipeline = frozenset(clash) if clash and predictable else frozenset()
   return Plan(targets + tuple(_replicated(s) for s in ctx.in_shapes[3:]), (natural_t,),
               (_groups(partial),), 1.0 / _count(tuple(ut), ctx.sizes),
-              predictable=_predictable_clash(clash, out, [ut[ud] for ud in scatter_dims
-                                                          if ut[ud]], ctx.sizes))
+              predictable=predictable, pipeline_gathers=pipeline,
+              pipeline_operands=(1, 2) if pipeline else ())
 
 
 def rule_concatenate(ctx: Context) -> Plan:
