@@ -109,6 +109,39 @@ class TinyTransformer(nnx.Module):
     return self.head(self.norm(x))
 
 
+class MlpBlock(nnx.Module):
+  """Pre-norm residual MLP block: x + down(gelu(up(norm(x)))), `hidden` wide."""
+
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.up = nnx.Linear(dim, hidden, rngs=rngs)
+    self.down = nnx.Linear(hidden, dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x + self.down(jax.nn.gelu(self.up(self.norm(x))))
+
+
+class MlpGpt(nnx.Module):
+  """A GPT without attention, small enough to pipeline in tests: embed, one MlpBlock
+  per entry of `hidden` (its MLP width, so blocks can be made to differ in shape),
+  final norm, head. Layers "embed", "blocks/i", "norm", "head"; the forward's own code
+  only passes layer outputs on, as a pipelined forward must."""
+
+  def __init__(self, *, vocab: int = 32, dim: int = 16,
+               hidden: Sequence[int] = (64, 64, 64, 64), seed: int = 0):
+    rngs = nnx.Rngs(seed)
+    self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+    self.blocks = nnx.List([MlpBlock(dim, h, rngs=rngs) for h in hidden])
+    self.norm = nnx.LayerNorm(dim, rngs=rngs)
+    self.head = nnx.Linear(dim, vocab, rngs=rngs)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    x = self.embed(ids)
+    for block in self.blocks:
+      x = block(x)
+    return self.head(self.norm(x))
+
+
 class Stack(nnx.Module):
   """A stack of blocks and a final norm: a container module (its blocks are the layers)."""
 

@@ -7,11 +7,11 @@ sequence-split embedding feeding FSDP blocks, Megatron tensor parallelism, Megat
 with sequence parallelism, FSDP over both axes). Each plan is applied and compiled;
 the collectives in `compiled.as_text()` are compared with `plan.predicted.collectives`
 (kinds equal, bytes within 1%) and one step's loss, gradients and parameters with one
-device. The two cases XLA still compiles differently are strict xfails that say why.
+device. Cases XLA still compiles differently are strict xfails that say why.
 
 A plan from the search pins parameters, the batch and each layer's output. What the
-cost model also assumed, and apply now pins when the plan names it
-(`activation_specs` keys, see `uniap_jax.apply._step._Pins`):
+cost model also assumed, and apply pins when the plan names it
+(`activation_specs` keys, see `uniap_jax.apply._pins.Pins`):
   - "dst<-src": the layout in which the consumer's candidate takes a boundary value
     whose two sides differ, so that XLA reshards it at the edge, as charged, instead
     of carrying the producer's layout into the consumer;
@@ -19,7 +19,10 @@ cost model also assumed, and apply now pins when the plan names it
     the layer's candidate lays it out (`strategies.value_layouts`); "path<-" the
     argument such a call takes from its caller's own code (the attention's context
     entering attn/o), "path<-src" one from call src laid out otherwise.
-The search derives both from the cost tables (`uniap_jax.search._pins`).
+  - "param path@gathered": the layout to which a candidate gathers a parameter
+    stored split (FSDP) before use, pinned where its module reads it, so that the
+    backward reuses the gathered copy instead of gathering it again.
+The search derives them from the cost tables (`uniap_jax.search._pins`).
 """
 
 import dataclasses
@@ -76,7 +79,8 @@ CASES = {
     "megatron-seq": Case(batch_size=16,
                          model=(("dim", 128), ("hidden", (512, 512)), ("seq_len", 32),
                                 ("heads", 8))),
-    # FSDP over both axes ("dp=batch,down:0 tp=batch,down:0"), head split over both.
+    # FSDP over both axes (blocks "dp=batch,attn.k:1 tp=batch,down:0", the embedding
+    # table's rows over both), the batch over both, the head's kernel split over dp.
     "fsdp-2d": Case(batch_size=256),
 }
 
@@ -174,31 +178,14 @@ def test_wide_case_chooses_megatron_with_sequence_parallelism():
 
 # --- plan against compile ---------------------------------------------------------------
 
-_FSDP_REGATHER = (
-    "Megatron + sequence parallel blocks, FSDP over dp. With the submodule outputs and "
-    "the attention's context (the input of attn/o, made by Attention.__call__'s own "
-    "einsums) pinned, all-to-alls, reduce-scatters, tp all-gathers and dp all-reduces "
-    "are exact; but XLA gathers every FSDP kernel over dp a second time in the "
-    "backward pass (1.62 MB of dp all-gathers against 0.83 MB) instead of keeping the "
-    "forward's gathered kernel, and all-reduces 4 KB more over tp (14.6 KB against "
-    "10.6 KB). Pinning the gathered kernel where the Linear reads it (so that autodiff "
-    "keeps the gathered value as the residual) would need the rules' gathered operand "
-    "layouts in the plan; not done.")
-_HEAD_GRADIENT = (
-    "The head's kernel is split P('dp', 'tp') and its input by batch over (dp, tp): "
-    "XLA reduces the kernel gradient with two full-size all-reduces (8 KB over dp, 8 KB "
-    "over tp) instead of the planned reduce-scatter over (dp, tp); the gradient is "
-    "made inside nnx.Linear, where apply has no call to pin.")
-
 
 @pytest.mark.parametrize("name", [
     "replicated",
     "seq-embed-fsdp",
     "mlp-megatron",
-    pytest.param("megatron-seq", marks=[pytest.mark.slow, pytest.mark.xfail(
-        strict=True, reason=_FSDP_REGATHER)]),
-    pytest.param("fsdp-2d", marks=[pytest.mark.slow, pytest.mark.xfail(
-        strict=True, reason=_HEAD_GRADIENT)]),
+    # Exact only with the gathered kernels pinned (see the test below).
+    pytest.param("megatron-seq", marks=pytest.mark.slow),
+    pytest.param("fsdp-2d", marks=pytest.mark.slow),
 ])
 def test_chosen_plan_compiles_its_predicted_collectives(name):
   plan, *_ = planned(name)
@@ -207,6 +194,29 @@ def test_chosen_plan_compiles_its_predicted_collectives(name):
   assert sorted(got) == sorted(want), (got, want)
   for kind, value in want.items():
     assert got[kind] == pytest.approx(value, rel=BYTES_RTOL), (kind, got, want)
+
+
+@pytest.mark.slow
+def test_gathered_parameters_are_kept_for_the_backward():
+  """FSDP kernels gathered over dp once per step, as the candidates charge it: the plan
+  pins each gathered parameter where its module reads it ("path@gathered", the stored
+  spec without the gathered axes), so that autodiff keeps the gathered copy for the
+  backward. Without those pins XLA gathers every kernel again in the backward pass."""
+  plan, tables, choice = planned("megatron-seq")
+  assert plan.activation_specs["blocks/0/mlp/up/kernel@gathered"] == P(None, "tp")
+  assert plan.activation_specs["blocks/0/mlp/down/kernel@gathered"] == P("tp", None)
+  key = ("all-gather", ("dp",))
+  want = cost.collectives_by_stage(tables, choice, {n: 0 for n in choice})[0][key]
+  assert hlo.by_axes(compiled_collectives("megatron-seq"))[key]["bytes"] == pytest.approx(
+      want["bytes"], rel=BYTES_RTOL)
+  bare = dataclasses.replace(plan, activation_specs={
+      k: v for k, v in plan.activation_specs.items() if not k.endswith("@gathered")})
+  case = CASES["megatron-seq"]
+  model, optimizer = make_state(case)
+  applied = bare.apply(step_of(case))
+  colls = hlo.parse(applied.compile(model, optimizer, make_batch(case)).as_text(),
+                    dict(applied.mesh.shape))
+  assert hlo.by_axes(colls)[key]["bytes"] > 1.5 * want["bytes"]
 
 
 def test_boundary_with_different_layouts_reshards_at_the_edge():

@@ -162,7 +162,9 @@ class Plan:
       value between layers ("src->dst") as its producer lays it out, and as its
       consumer takes it ("dst<-src"); inside a layer, a submodule call's output (its
       path, "blocks/0/attn/q") and arguments entering one ("path<-src", "path<-"
-      when the layer's own code made it); see `uniap_jax.search._pins`.
+      when the layer's own code made it), and a parameter where its module reads it
+      after the candidate's all-gathers ("blocks/0/mlp/up/kernel@gathered"); see
+      `uniap_jax.search._pins`.
     layers: per layer: stage, strategy, time and memory.
     predicted: the cost model's predictions.
     solver: the solver's status, gap and time.

@@ -172,6 +172,24 @@ def call_through(module: nnx.Module, method: str, args: Sequence[Any], kwargs: d
   return fn(_LayerProxy(module, icpt, path), *args, **kwargs)
 
 
+def call_intercepted(module: nnx.Module, method: str, args: Sequence[Any],
+                     kwargs: dict[str, Any], path: str, *,
+                     after_call: Callable[[str, Any], Any],
+                     before_call: Callable[..., Any] | None = None,
+                     descend: Callable[[str], bool] = lambda name: False,
+                     param: Callable[[str, Any], Any] | None = None) -> Any:
+  """Runs `module.method` (the module at `path`) with its submodule calls intercepted.
+
+  As `transparent_forward` does for the root: each submodule call (named by its full
+  module path, "path@k" for a repeated one) has its arguments pass through
+  `before_call`, is itself seen through when `descend(name)` holds, and its output
+  passes through `after_call`. With `param`, a parameter the code reads directly
+  (`self.kernel[...]`, `self.kernel.value`) is `param(path, value)`.
+  """
+  icpt = _Transparent(after_call, lambda name: False, before_call, descend, param)
+  return call_through(module, method, args, kwargs, icpt, path)
+
+
 # --- proxies -----------------------------------------------------------------------------
 
 
@@ -347,6 +365,17 @@ class Program:
   ret_treedef: Any
   ret_leaves: tuple[Any, ...]
 
+  def layer_names(self) -> list[str]:
+    """Per call, the plan's name of its layer: the module path for its first call,
+    "path@k" for the k-th call after it (the tracer's names for a module called again)."""
+    seen: dict[str, int] = {}
+    out = []
+    for call in self.calls:
+      k = seen.get(call.name, 0)
+      seen[call.name] = k + 1
+      out.append(call.name if k == 0 else f"{call.name}@{k}")
+    return out
+
   def consumers(self) -> dict[ValueRef, list[int]]:
     """ValueRef -> indices of the calls that read it; len(calls) stands for the return."""
     out: dict[ValueRef, list[int]] = {}
@@ -482,9 +511,13 @@ class _StageRunner:
 
   def __init__(self, program: Program, runs: Callable[[int], bool],
                module_for: Callable[[int], Any], env: dict[ValueRef, Any],
-               after_call: Callable[[Call, Any], Any], remat: Callable[[int], bool]):
+               after_call: Callable[[Call, Any], Any], remat: Callable[[int], bool],
+               before_call: Callable[..., Any] | None = None,
+               runner: Callable[[Call], Any] | None = None):
     self.program, self.runs, self.module_for = program, runs, module_for
     self.env, self.after_call, self.remat = env, after_call, remat
+    self.before_call, self.runner = before_call, runner
+    self.names = program.layer_names()
     self.count = 0
 
   def param(self, path, var):
@@ -510,15 +543,24 @@ class _StageRunner:
     refs = iter(ref_values)
     leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=_is_stand)
     real_leaves = []
+    made: dict[int, tuple[Any, str]] = {}  # id -> (array, the layer that made it; "": param)
     for leaf in leaves:
       if isinstance(leaf, Placeholder):
         real_leaves.append(self.env[leaf.ref])
+        made[id(real_leaves[-1])] = (real_leaves[-1], self.names[leaf.ref.call])
       elif isinstance(leaf, ParamPlaceholder):
         real_leaves.append(next(refs))
+        made[id(real_leaves[-1])] = (real_leaves[-1], "")
       else:
         real_leaves.append(leaf)
     a, kw = jax.tree.unflatten(treedef, real_leaves)
-    out = invoke(module, method, a, kw, remat=self.remat(index))
+    if self.before_call is not None:
+      def producer(x):
+        got = made.get(id(x))
+        return got[1] if got is not None and got[0] is x else None
+      a, kw = self.before_call(call, a, kw, producer)
+    out = invoke(module, method, a, kw, remat=self.remat(index),
+                 runner=None if self.runner is None else self.runner(call))
     out = self.after_call(call, out)
     for ref, value in zip(call.outputs(), jax.tree.leaves(out)):
       self.env[ref] = value
@@ -529,15 +571,21 @@ def run_stage(program: Program, root: nnx.Module, forward: Callable[..., Any],
               args: Sequence[Any], kwargs: dict[str, Any], *, runs: Callable[[int], bool],
               module_for: Callable[[int], Any], env: dict[ValueRef, Any],
               after_call: Callable[[Call, Any], Any] = lambda call, out: out,
-              remat: Callable[[int], bool] = lambda index: False) -> list[Any]:
+              remat: Callable[[int], bool] = lambda index: False,
+              before_call: Callable[..., Any] | None = None,
+              runner: Callable[[Call], Any] | None = None) -> list[Any]:
   """Re-runs the forward, executing the calls for which `runs(index)` holds.
 
   `env` maps values computed elsewhere (received from the previous stage) to arrays and
   receives every value computed here; calls for which `remat(index)` holds recompute
-  their activations (`invoke`). Returns the returned leaves, with placeholders for
-  values not available here.
+  their activations (`invoke`). With `before_call`, a call's arguments first go
+  through `before_call(call, args, kwargs, producer)` (which returns new `(args,
+  kwargs)`; `producer(x)` names the layer whose output `x` is, as
+  `Program.layer_names` does, "" for a parameter the forward read, None otherwise);
+  `runner(call)`, when not None, makes the call (`invoke`'s `runner`). Returns the
+  returned leaves, with placeholders for values not available here.
   """
-  runner = _StageRunner(program, runs, module_for, env, after_call, remat)
+  runner = _StageRunner(program, runs, module_for, env, after_call, remat, before_call, runner)
   ret = forward(RootProxy(root, runner), *args, **kwargs)
   if runner.count != len(program.calls):
     raise NotImplementedError(
@@ -551,7 +599,8 @@ def transparent_forward(root: nnx.Module, forward: Callable[..., Any], args: Seq
                         kwargs: dict[str, Any], after_call: Callable[[str, Any], Any],
                         remat: Callable[[str], bool] = lambda name: False, *,
                         before_call: Callable[..., Any] | None = None,
-                        descend: Callable[[str], bool] = lambda name: False) -> Any:
+                        descend: Callable[[str], bool] = lambda name: False,
+                        param: Callable[[str, Any], Any] | None = None) -> Any:
   """Runs the forward for real, passing each submodule call's output through `after_call`.
 
   A call is named by its module path for its first call, "path@k" for the k-th call
@@ -561,16 +610,19 @@ def transparent_forward(root: nnx.Module, forward: Callable[..., Any], args: Seq
   `(args, kwargs)`), where `producer(x)` names the call whose output array `x` is
   ("" for a parameter the forward read, None when unknown: an input or a value
   the forward computed). When `descend(name)` holds, the call's own submodule calls
-  are intercepted too (`call_through`), under their full module paths.
+  are intercepted too (`call_through`), under their full module paths, and with
+  `param`, a parameter such a call reads (`self.kernel[...]`) is `param(path, value)`.
   """
-  icpt = _Transparent(after_call, remat, before_call, descend)
+  icpt = _Transparent(after_call, remat, before_call, descend, param)
   return forward(RootProxy(root, icpt), *args, **kwargs)
 
 
 class _Transparent:
-  def __init__(self, after_call, remat, before_call=None, descend=lambda name: False):
+  def __init__(self, after_call, remat, before_call=None, descend=lambda name: False,
+               param=None):
     self.after_call, self.remat = after_call, remat
     self.before_call, self.descend = before_call, descend
+    self.param_hook = param
     self.seen: dict[str, int] = {}
     # id of an array -> (the array, kept alive so the id stays its own; its producer).
     self.made: dict[int, tuple[Any, str]] = {}
@@ -581,6 +633,8 @@ class _Transparent:
 
   def param(self, path, var):
     value = var.get_value()
+    if self.param_hook is not None:
+      value = self.param_hook(path, value)
     self.made[id(value)] = (value, "")
     return value
 

@@ -18,6 +18,13 @@ Two ways to make stages that hold different layers run as one SPMD program:
 Calls of a kind that recomputes its activations run under `jax.checkpoint` in both
 dispatches (`_program.invoke`).
 
+Both dispatches lay values out as the plan pins them (`Hooks`, from the plan's
+`activation_specs`, manual axes left out): each call's output, each argument a call
+takes from another layer in the layout its layer's candidate takes it (the boundary's
+resharding then happens at the consumer, as the cost model charges it), and the
+outputs and arguments of submodule calls inside a layer. A uniform position applies
+a pin only where the calls it runs on every stage pin alike.
+
 A masked position feeds its layer inputs through `where(active, x, stop_gradient(x))`,
 so NaN or inf computed on bubble data never reaches a gradient (0 x inf stays out of the
 chain rule).
@@ -50,6 +57,31 @@ def vary(tree, axes: Sequence[str]):
   return jax.tree.map(one, tree) if axes else tree
 
 
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Hooks:
+  """How stage bodies lay out values (see the module docstring). Names are layer names
+  (`_program.Program.layer_names`).
+
+  Attributes:
+    output: (names, out) -> out laid out as the layer(s) `names` pin their output, when
+      they agree.
+    input_spec: [(consumer, producer), ...] -> the layout in which every consumer takes
+      its producer's value, when they agree; else None.
+    constrain: (x, spec) -> x laid out by `spec` (where it fits).
+    before_call: (name, args, kwargs, producer) -> (args, kwargs), for one call of
+      layer `name` (switch dispatch; `_program.run_stage`'s `before_call`).
+    runner: names -> an `invoke` runner that runs a call of layers `names` (one per
+      stage running it; the first names the module) with its submodule calls pinned,
+      or None when nothing inside them is pinned.
+  """
+
+  output: Callable[[Sequence[str], Any], Any]
+  input_spec: Callable[[Sequence[tuple[str, str]]], Any]
+  constrain: Callable[[Any, Any], Any]
+  before_call: Callable[..., Any]
+  runner: Callable[[Sequence[str]], Any]
+
+
 def _module(layout, kind_index: int, leaves: Sequence[Any]):
   kind = layout.kinds[kind_index]
   state = jax.tree.unflatten(kind.state_treedef, list(leaves[:kind.num_state_leaves]))
@@ -59,22 +91,24 @@ def _module(layout, kind_index: int, leaves: Sequence[Any]):
 # --- switch: one branch per stage --------------------------------------------------------
 
 
-def switch_stage_fns(layout, model, forward: Callable[..., Any], rebuild, constrain,
+def switch_stage_fns(layout, model, forward: Callable[..., Any], rebuild, hooks: Hooks,
                      ) -> tuple[Callable[..., Any], ...]:
   """Per stage, fn(rows, recv, mb_args) -> (send, final) running exactly its calls."""
-  return tuple(_switch_stage_fn(layout, model, forward, rebuild, constrain, s)
+  return tuple(_switch_stage_fn(layout, model, forward, rebuild, hooks, s)
                for s in range(layout.num_stages))
 
 
-def _switch_stage_fn(layout, model, forward, rebuild, constrain, stage):
+def _switch_stage_fn(layout, model, forward, rebuild, hooks, stage):
   program = layout.program
+  names = program.layer_names()
   last = layout.num_stages - 1
 
   def fn(rows, recv, mb_arrays):
     env = {}
     if stage > 0:
       for ref, j in layout.boundaries[stage - 1]:
-        env[ref] = recv[j]
+        # In the layout it was sent in, so that its cotangent goes back so too.
+        env[ref] = hooks.output([names[ref.call]], recv[j])
 
     def module_for(c):
       k, slot = layout.kind_of_call[c], layout.slot_of_call[c]
@@ -84,8 +118,11 @@ def _switch_stage_fn(layout, model, forward, rebuild, constrain, stage):
     ret = _program.run_stage(program, model, forward, a, kw,
                              runs=lambda c: layout.stage_of_call[c] == stage,
                              module_for=module_for, env=env,
-                             after_call=lambda call, out: constrain(call.name, out),
-                             remat=lambda c: layout.kinds[layout.kind_of_call[c]].remat)
+                             after_call=lambda call, out: hooks.output([names[call.index]], out),
+                             remat=lambda c: layout.kinds[layout.kind_of_call[c]].remat,
+                             before_call=lambda call, a, kw, producer: hooks.before_call(
+                                 names[call.index], a, kw, producer),
+                             runner=lambda call: hooks.runner([names[call.index]]))
     final = list(ret) if stage == last else [jnp.zeros(v.shape, v.dtype)
                                              for v in layout.final_avals]
     send = [jnp.zeros(v.shape, v.dtype) for v in layout.slot_avals]
@@ -110,10 +147,11 @@ class _Position:
 class UniformStage:
   """fn(rows, recv, mb_args, stage, active) -> (send, final), the same program everywhere."""
 
-  def __init__(self, layout, model, forward, rebuild, constrain, manual: Sequence[str]):
+  def __init__(self, layout, model, forward, rebuild, hooks: Hooks, manual: Sequence[str]):
     self.layout, self.model, self.forward = layout, model, forward
-    self.rebuild, self.constrain, self.manual = rebuild, constrain, tuple(manual)
+    self.rebuild, self.hooks, self.manual = rebuild, hooks, tuple(manual)
     program, num_stages = layout.program, layout.num_stages
+    self.names = program.layer_names()
     per_stage = [[c.index for c in program.calls if layout.stage_of_call[c.index] == s]
                  for s in range(num_stages)]
     placed = supersequence.align([[layout.kind_of_call[c] for c in calls]
@@ -134,6 +172,10 @@ class UniformStage:
   def num_positions(self) -> int:
     return len(self.positions)
 
+  def _slot_names(self, j: int) -> list[str]:
+    """The layers whose outputs travel in buffer slot `j`, over all stage boundaries."""
+    return sorted({self.names[r.call] for b in self.layout.boundaries for r, jj in b if jj == j})
+
   def _source(self, ref: _program.ValueRef, stage: int):
     """Where `ref` is on `stage`: ("pos", position, leaf) or ("recv", slot)."""
     if self.layout.stage_of_call[ref.call] == stage:
@@ -149,6 +191,11 @@ class UniformStage:
     a, kw = self.rebuild(mb_arrays)
     extras, ret_leaves = _program.collect_extras(program, self.model, self.forward, a, kw)
     outs: dict[int, list[Any]] = {}
+    # Received buffers keep the layout they were sent in (their producers' outputs), so
+    # that the consumer's resharding happens after the receive and the cotangent goes
+    # back in that layout too, as the cost model sends both.
+    recv = [self.hooks.output(self._slot_names(j), x) if self._slot_names(j) else x
+            for j, x in enumerate(recv)]
 
     def value(src):
       if src[0] == "pos":
@@ -180,18 +227,27 @@ class UniformStage:
           arg_leaves.append(gate(pick(cands, entry[1])))
           extra_index += 1
         else:
-          cands = [None if c is None else value(self._source(
-              program.calls[c].arg_leaves[i][1], s)) for s, c in enumerate(pos.calls)]
-          arg_leaves.append(gate(pick(cands, entry[2])))
+          refs_here = [None if c is None else program.calls[c].arg_leaves[i][1]
+                       for c in pos.calls]
+          cands = [None if r is None else value(self._source(r, s))
+                   for s, r in enumerate(refs_here)]
+          # The layout the consumers' candidates take the value in (the boundary's
+          # resharding, at the consumer, as the cost model charges it).
+          spec = self.hooks.input_spec([(self.names[c], self.names[r.call])
+                                        for c, r in zip(pos.calls, refs_here) if c is not None])
+          x = gate(pick(cands, entry[2]))
+          arg_leaves.append(x if spec is None else self.hooks.constrain(x, spec))
       args, kwargs = jax.tree.unflatten(template.arg_treedef, arg_leaves)
       kind = layout.kinds[pos.kind]
-      out = _program.invoke(module, kind.method, args, kwargs, remat=kind.remat)
-      names = sorted({program.calls[c].name for c in pos.calls if c is not None})
-      out = self.constrain(names, out)
+      names = [self.names[c] for c in pos.calls if c is not None]
+      out = _program.invoke(module, kind.method, args, kwargs, remat=kind.remat,
+                            runner=self.hooks.runner(names))
+      names = sorted(set(names))
+      out = self.hooks.output(names, out)
       # Again after the mask: the masked value is what later positions and the send
       # buffers read, and XLA would otherwise lay it out for one of its readers.
-      outs[p] = self.constrain(names, [jnp.where(on, o, jnp.zeros_like(o))
-                                       for o in jax.tree.leaves(out)])
+      outs[p] = self.hooks.output(names, [jnp.where(on, o, jnp.zeros_like(o))
+                                          for o in jax.tree.leaves(out)])
 
     send = []
     for j, aval in enumerate(layout.slot_avals):
@@ -202,9 +258,8 @@ class UniformStage:
         cands.append(None if src is None else value(src))
       # The buffer keeps the layout its values have where they are made, the one the
       # cost model sends (XLA would otherwise pick one, e.g. split over an automatic axis).
-      names = sorted({program.calls[r.call].name for s in range(num_stages - 1)
-                      for r, jj in layout.boundaries[s] if jj == j})
-      send.append(self.constrain(names, pick(cands, aval)) if names else pick(cands, aval))
+      names = self._slot_names(j)
+      send.append(self.hooks.output(names, pick(cands, aval)) if names else pick(cands, aval))
     last = num_stages - 1
     final = []
     for leaf, real, aval in zip(program.ret_leaves, ret_leaves, layout.final_avals):

@@ -9,11 +9,14 @@ plan says.
 
 While the core is traced, the root model's `__call__` is replaced (for that trace only)
 by the plan's forward: with one stage and one micro-batch, the model's own forward with
-the layouts the plan names constrained (`_Pins`: each layer's output; where a
+the layouts the plan names constrained (`_pins.Pins`: each layer's output; where a
 boundary's consumer takes the value in another layout, its input too, so that the
-reshard happens at the edge; and outputs of submodule calls inside a layer, whose
-calls are then intercepted as well); otherwise the pipeline of `_pipeline.py`. The
-user's loss, `nnx.value_and_grad` and optimizer run unchanged around it. Either way,
+reshard happens at the edge; outputs of submodule calls inside a layer, whose
+calls are then intercepted as well; and parameters a layer gathers before use, where
+its module reads them); otherwise the pipeline of `_pipeline.py`, whose stage bodies
+apply the same pins (but the gathered parameters') without the `shard_map`'s manual
+axes (`_stage_hooks`). The user's loss, `nnx.value_and_grad` and optimizer run
+unchanged around it. Either way,
 the calls of the layers the plan recomputes (`LayerPlan.recompute`, the candidates
 named "... +remat") run under `jax.checkpoint` (`_program.invoke`), so that their
 backward pass keeps only their inputs and runs their forward again, as the cost model
@@ -38,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from uniap_jax import hlo
 from uniap_jax import plans
 from uniap_jax.apply import _mesh
+from uniap_jax.apply import _pins
 from uniap_jax.apply import _pipeline
 from uniap_jax.apply import _program
 from uniap_jax.apply import _stages
@@ -126,7 +130,7 @@ class AppliedStep:
     self.donate, self.bubble_value = donate, bubble_value
     # Layers whose activations the plan recomputes (their calls run under jax.checkpoint).
     self.recomputed = frozenset(l.name for l in plan.layers if l.recompute)
-    self._pins = _Pins.of(plan.activation_specs)
+    self._pins = _pins.Pins.of(plan.activation_specs)
     self._cache: dict[Any, _Prepared] = {}
     self.__wrapped__ = step
 
@@ -361,10 +365,11 @@ class AppliedStep:
       else:
         del root_cls.__call__
 
-  def _activation_spec(self, name: str, drop: Sequence[str]) -> P | None:
+  def _activation_spec(self, name: str, drop: Sequence[str], pins: _pins.Pins | None = None,
+                       ) -> P | None:
     """The layout the plan gives the output of call `name`, without the `drop` axes."""
-    spec = self._pins.outputs.get(name)
-    return None if spec is None else P(*[_drop_axes(e, drop) for e in spec])
+    spec = (pins or self._pins).outputs.get(name)
+    return None if spec is None else _pins.drop_spec(spec, drop)
 
   def _fits(self, x, spec: P) -> bool:
     """Whether `spec` can lay out array `x` (rank and divisibility)."""
@@ -374,19 +379,29 @@ class AppliedStep:
     return all(x.shape[d] % math.prod(sizes[a] for a in _mesh.spec_axes(e)) == 0
                for d, e in enumerate(spec))
 
-  def _constrain(self, name, out, drop=(), use_mesh=True):
-    spec = self._activation_spec(name, drop)
+  def _constrain(self, name, out, drop=(), use_mesh=True, pins=None):
+    spec = self._activation_spec(name, drop, pins)
     if spec is None:
       return out
+    return jax.tree.map(lambda x: self._constrain_to(x, spec, use_mesh), out)
 
-    def one(x):
-      if not self._fits(x, spec):
-        return x
-      target = NamedSharding(self.mesh, spec) if use_mesh else spec
-      return jax.lax.with_sharding_constraint(x, target)
-    return jax.tree.map(one, out)
+  def _constrain_to(self, x, spec: P, use_mesh: bool = True):
+    """`x` laid out by `spec` where it fits; a bare spec (`use_mesh=False`) inside a
+    `shard_map`, whose context gives the mesh."""
+    if not self._fits(x, spec):
+      return x
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(self.mesh, spec) if use_mesh else spec)
 
-  def _constrain_inputs(self, name, args, kwargs, producer):
+  def _constrain_param(self, path, value, pins=None, use_mesh=True):
+    """A parameter as its module reads it: gathered to the layout the plan names
+    ("path@gathered"), so that autodiff keeps that copy for the backward pass."""
+    spec = (pins or self._pins).params.get(path)
+    if spec is None or not self._fits(value, spec):
+      return value
+    return _pins.forward_only_constraint(value, NamedSharding(self.mesh, spec) if use_mesh else spec)
+
+  def _constrain_inputs(self, name, args, kwargs, producer, pins=None, use_mesh=True):
     """Lays out the arguments of call `name` as its layer's candidate takes them.
 
     Where a boundary's two sides are laid out differently, the value is constrained
@@ -399,7 +414,8 @@ class AppliedStep:
     first, as the cost model counts the forward's code between two calls in the
     producer's layer.
     """
-    wanted = self._pins.inputs.get(name)
+    pins = pins or self._pins
+    wanted = pins.inputs.get(name)
     if not wanted:
       return args, kwargs
     leaves, treedef = jax.tree.flatten((args, kwargs))
@@ -424,10 +440,9 @@ class AppliedStep:
       # First in the producer's layout (code of the forward between the two calls,
       # such as adding a position table, belongs to the producer's layer), then in
       # the consumer's.
-      for spec in (self._pins.outputs.get(src), wanted[src]):
-        if spec is not None and self._fits(leaves[i], spec):
-          leaves[i] = jax.lax.with_sharding_constraint(leaves[i],
-                                                       NamedSharding(self.mesh, spec))
+      for spec in (pins.outputs.get(src), wanted[src]):
+        if spec is not None:
+          leaves[i] = self._constrain_to(leaves[i], spec, use_mesh)
     return jax.tree.unflatten(treedef, leaves)
 
   def _plan_forward(self, model, forward, root_arg, args, kwargs):
@@ -436,60 +451,9 @@ class AppliedStep:
       return _program.transparent_forward(
           model, forward, args, kwargs, lambda name, out: self._constrain(name, out),
           remat=lambda name: name in self.recomputed, before_call=self._constrain_inputs,
-          descend=lambda name: name.split("@")[0] in pins.enclosing)
+          descend=lambda name: name.split("@")[0] in pins.enclosing,
+          param=self._constrain_param if pins.params else None)
     return _run_pipelined(self, model, forward, root_arg, args, kwargs)
-
-
-@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
-class _Pins:
-  """The plan's `activation_specs`, read by call name.
-
-  Keys: "src->dst", the layout of layer src's output (the boundary value as its
-  producer's candidate lays it out); "dst<-src", the layout in which layer dst's
-  candidate takes that value; a plain module path ("blocks/3/attn/q"), the output of
-  that submodule call inside a layer, as the layer's candidate lays it out (the
-  cost model's internal layouts, `strategies.value_layouts`, where XLA's own
-  propagation could choose others); "path<-src" for such a call takes an argument
-  from call src, "path<-" one its caller's own code computed (an attention's
-  context before its output projection, say).
-
-  Attributes:
-    outputs: call name -> layout of its output.
-    inputs: call name -> {producing call -> layout in which the call takes its output}.
-    enclosing: module paths with pinned calls below them: their calls run with
-      their own submodule calls intercepted (`_program.call_through`).
-  """
-
-  outputs: dict[str, P]
-  inputs: dict[str, dict[str, P]]
-  enclosing: frozenset[str]
-
-  @classmethod
-  def of(cls, activation_specs) -> _Pins:
-    outputs, inputs, named = {}, {}, set()
-    for key in sorted(activation_specs):
-      spec = activation_specs[key]
-      if "->" in key:
-        src, _ = key.split("->", 1)
-        outputs.setdefault(src, spec)
-        named.add(src)
-      elif "<-" in key:
-        dst, src = key.split("<-", 1)
-        inputs.setdefault(dst, {})[src] = spec
-        named.add(dst)
-      else:
-        outputs[key] = spec
-        named.add(key)
-    enclosing = set()
-    for name in named:
-      parts = name.split("@")[0].split("/")
-      enclosing.update("/".join(parts[:k]) for k in range(1, len(parts)))
-    return cls(outputs=outputs, inputs=inputs, enclosing=frozenset(enclosing))
-
-
-def _drop_axes(entry, drop):
-  axes = tuple(a for a in _mesh.spec_axes(entry) if a not in drop)
-  return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def _constrain_returned_state(out, plain_in, plain_shardings, replicate=None):
@@ -531,8 +495,10 @@ def _resolve(root, path: str):
 def assign_stages(calls: Sequence[_program.Call], stages: Sequence[Sequence[str]]) -> list[int]:
   """The stage of every call, from the plan's layer names (matched in order).
 
-  A call the plan does not name (a second use of a module, say) runs on the stage of the
-  call before it.
+  The k-th call of a module path is named as the graph names its layer: the path for
+  k = 0, "path@k" after (T5's shared embedding runs twice: "shared", "shared@1"); a
+  hand-written plan may name a repeated call by its bare path. A call the plan does
+  not name runs on the stage of the call before it.
 
   Raises:
     ValueError: the plan names layers the forward does not call, or orders them
@@ -540,9 +506,15 @@ def assign_stages(calls: Sequence[_program.Call], stages: Sequence[Sequence[str]
   """
   entries = [(name, s) for s, names in enumerate(stages) for name in names]
   used = [False] * len(entries)
+  layer_names = _program.Program(calls=tuple(calls), ret_treedef=None,
+                                 ret_leaves=()).layer_names()
   out, prev = [], 0
-  for call in calls:
-    hit = next((i for i, (n, _) in enumerate(entries) if not used[i] and n == call.name), None)
+  for call, layer_name in zip(calls, layer_names):
+    hit = next((i for i, (n, _) in enumerate(entries) if not used[i] and n == layer_name),
+               None)
+    if hit is None:
+      hit = next((i for i, (n, _) in enumerate(entries) if not used[i] and n == call.name),
+                 None)
     if hit is None:
       logger.info("layer %r is not in the plan's stages; it runs on stage %d", call.name, prev)
       s = prev
@@ -572,13 +544,8 @@ def recomputed_calls(calls: Sequence[_program.Call], recomputed: Sequence[str] |
   The k-th call of a module path is the graph's layer of that path (k = 0) or
   "path@k" (the tracer's name for a module called again).
   """
-  seen: dict[str, int] = {}
-  out = []
-  for call in calls:
-    k = seen.get(call.name, 0)
-    seen[call.name] = k + 1
-    out.append((call.name if k == 0 else f"{call.name}@{k}") in recomputed)
-  return out
+  return [name in recomputed for name in _program.Program(
+      calls=tuple(calls), ret_treedef=None, ret_leaves=()).layer_names()]
 
 
 def _run_pipelined(applied: AppliedStep, model, forward, root_arg, args, kwargs):
@@ -649,20 +616,13 @@ def _run_pipelined(applied: AppliedStep, model, forward, root_arg, args, kwargs)
           f"{local}; the pipeline needs every returned array to have the batch as its "
           "leading dim.")
   manual = ((_mesh.PIPELINE_AXIS,) if num_stages > 1 else ()) + dp_manual
-
-  def constrain(names, out):
-    # A layer position of the uniform body runs a different call on each stage: its
-    # output is constrained when the plan lays out all of them alike.
-    names = (names,) if isinstance(names, str) else tuple(names)
-    if len({applied._activation_spec(n, manual) for n in names}) != 1:
-      return out
-    return applied._constrain(names[0], out, drop=manual, use_mesh=not manual)
+  hooks = _stage_hooks(applied, manual)
   if applied.dispatch == "uniform":
-    uniform = _stages.UniformStage(layout, model, forward, rebuild, constrain, manual)
+    uniform = _stages.UniformStage(layout, model, forward, rebuild, hooks, manual)
     stage_fns = ()
   else:
     uniform = None
-    stage_fns = _stages.switch_stage_fns(layout, model, forward, rebuild, constrain)
+    stage_fns = _stages.switch_stage_fns(layout, model, forward, rebuild, hooks)
   pipeline = _pipeline.Pipeline(layout=layout, stage_fns=stage_fns, uniform=uniform,
                                 mesh=mesh if manual else None,
                                 num_microbatches=m_count, dp_manual=dp_manual, dp_auto=dp_auto,
@@ -670,3 +630,49 @@ def _run_pipelined(applied: AppliedStep, model, forward, root_arg, args, kwargs)
   stacks = _pipeline.stack_params(layout, raw, mesh)
   outs = pipeline.run(stacks, arrays)
   return jax.tree.unflatten(program.ret_treedef, outs)
+
+
+def _stage_hooks(applied: AppliedStep, manual: Sequence[str]) -> _stages.Hooks:
+  """The plan's pins for the stage bodies, without the `shard_map`'s manual axes.
+
+  A position of the uniform body runs a different call on each stage: a pin applies
+  there when the plan lays out all of them alike (layer outputs, the layouts in which
+  consumers take their producers' values, the submodule calls inside the layers).
+  """
+  # Gathered parameters stay unpinned: the tick loops' autodiff would keep a gathered
+  # copy per tick (the cost model has the backward gather them again), and the
+  # explicit schedules recompute the stage anyway.
+  pins = applied._pins.without(manual, params=False)
+  use_mesh = not manual
+
+  def output(names, out):
+    if len({pins.outputs.get(n) for n in names}) != 1:
+      return out
+    return applied._constrain(names[0], out, use_mesh=use_mesh, pins=pins)
+
+  def input_spec(pairs):
+    specs = {pins.inputs.get(dst, {}).get(src) for dst, src in pairs}
+    return next(iter(specs)) if len(specs) == 1 else None
+
+  def before_call(name, args, kwargs, producer):
+    return applied._constrain_inputs(name, args, kwargs, producer, pins=pins,
+                                     use_mesh=use_mesh)
+
+  def runner(names):
+    view = pins.inside(names)
+    if not (view.outputs or view.inputs):
+      return None
+    path = names[0].split("@")[0]
+
+    def run(module, method, args, kwargs):
+      return _program.call_intercepted(
+          module, method, args, kwargs, path,
+          after_call=lambda n, out: applied._constrain(n, out, use_mesh=use_mesh, pins=view),
+          before_call=lambda n, a, kw, producer: applied._constrain_inputs(
+              n, a, kw, producer, pins=view, use_mesh=use_mesh),
+          descend=lambda n: n.split("@")[0] in view.enclosing)
+    return run
+
+  return _stages.Hooks(output=output, input_spec=input_spec,
+                       constrain=lambda x, spec: applied._constrain_to(x, spec, use_mesh),
+                       before_call=before_call, runner=runner)

@@ -4,12 +4,19 @@ The cost tables charge a boundary's resharding at the edge and a layer's collect
 for the internal layouts its candidate chose (`strategies.value_layouts`). XLA's own
 propagation does otherwise when only layer outputs are pinned: it carries a producer's
 layout into the consumer, or lays out a sequence-parallel block's insides its own way.
-These keys of `Plan.activation_specs` (read by `apply._step._Pins`) pin the rest:
+These keys of `Plan.activation_specs` (read by `apply._pins.Pins`) pin the rest:
   - "dst<-src": the layout in which dst's candidate takes the value from src;
   - a submodule path ("blocks/0/attn/q"): the output of that call inside a layer;
   - "path<-src": an argument that call takes from submodule src's output where the
     two layouts differ; "path<-": one made by the layer's own code (the attention's
-    context entering attn/o, say).
+    context entering attn/o, say);
+  - "param path@gathered" ("blocks/0/mlp/up/kernel@gathered"): the layout to which
+    the layer's candidate gathers a parameter stored split (FSDP / ZeRO) before its
+    forward reads it (`Candidate.param_gathers`): its stored spec without the axes
+    it is all-gathered over. Pinned where the module reads the parameter, so that
+    autodiff keeps the gathered copy for the backward instead of XLA gathering it
+    again there, as the cost model charges one gather per micro-batch. (Pipelines
+    leave them out: the cost model has autodiff GPipe gather again in the backward.)
 """
 
 from __future__ import annotations
@@ -88,7 +95,39 @@ def internal_specs(graph: graph_lib.LayerGraph, tables: cost.CostTables,
   return out
 
 
+GATHERED = "@gathered"
+
+
+def gather_specs(tables: cost.CostTables, choice: Mapping[str, int]) -> dict[str, PartitionSpec]:
+  """"param path@gathered" -> the layout each chosen candidate gathers a parameter to.
+
+  Only gathers made of all-gathers: the stored spec without their axes. A parameter
+  two layers read (a tied embedding) is left alone: `apply` pins a parameter where it
+  is read, and the two reads may want different layouts.
+  """
+  readers: dict[str, int] = {}
+  for layer in tables.layers:
+    for path in set(layer.param_paths):
+      readers[path] = readers.get(path, 0) + 1
+  out: dict[str, PartitionSpec] = {}
+  for layer in tables.layers:
+    cand = layer.candidates[choice[layer.name]]
+    for gather in cand.param_gathers:
+      if (readers[layer.param_paths[gather.param]] > 1 or not gather.comms
+          or any(c.kind != "all-gather" for c in gather.comms)):
+        continue
+      axes = {a for c in gather.comms for a in c.axes}
+      entries = []
+      for entry in cand.param_specs[gather.param]:
+        kept = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,))
+                     if a is not None and a not in axes)
+        entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+      out[layer.param_paths[gather.param] + GATHERED] = PartitionSpec(*entries)
+  return out
+
+
 def pins(graph: graph_lib.LayerGraph, tables: cost.CostTables,
          choice: Mapping[str, int]) -> dict[str, PartitionSpec]:
   """Every pin of this module for one configuration's chosen candidates."""
-  return {**consumer_specs(tables, choice), **internal_specs(graph, tables, choice)}
+  return {**consumer_specs(tables, choice), **internal_specs(graph, tables, choice),
+          **gather_specs(tables, choice)}
