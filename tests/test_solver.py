@@ -139,6 +139,53 @@ def test_one_stage_dags_match_brute_force(seed):
         sol.method == "chain_dp")  # the chain relaxation's bound can settle it first
 
 
+def layout_dag(seed: int) -> solver.Problem:
+  """A one-stage DAG whose candidates share a few output layouts (edge entries depend
+  on the layouts alone, as resharding does), under a tight to slack memory limit."""
+  rng = np.random.default_rng(5000 + seed)
+  n = int(rng.integers(4, 9))
+  counts = [int(rng.integers(2, 6)) for _ in range(n)]
+  while math.prod(counts) > 20_000:
+    counts[int(np.argmax(counts))] -= 1
+  layouts = [rng.integers(0, 2, k) for k in counts]
+  reshard = rng.uniform(0, 1, (2, 2)) * (1 - np.eye(2))
+  layers = [solver.Layer(name=f"l{u}", time=rng.uniform(0.2, 2, k), memory=rng.uniform(1, 9, k))
+            for u, k in enumerate(counts)]
+  pairs = {(u, u + 1) for u in range(n - 1)} | {
+      (int(u), int(rng.integers(u + 2, n))) for u in rng.integers(0, n - 2, int(rng.integers(1, 4)))}
+  edges = [solver.Edge(src=f"l{u}", dst=f"l{v}",
+                       same_stage=reshard[layouts[u][:, None], layouts[v][None, :]],
+                       cross_stage=np.zeros((counts[u], counts[v]))) for u, v in sorted(pairs)]
+  limit = sum(np.mean(l.memory) for l in layers) * rng.choice([0.7, 1.0, 1.5, 10.0])
+  return solver.Problem(layers=layers, edges=edges, num_microbatches=int(rng.choice([1, 4])),
+                        memory_limit=float(limit))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_one_stage_sweep_over_layout_classes_matches_brute_force(seed):
+  """Labels carry candidate classes (equal outgoing edge rows) and drop labels slower
+  than one that fits any completion: still exact."""
+  problem = layout_dag(seed)
+  reference = solver.brute_force(problem)
+  sol = solver.solve(problem)
+  assert sol.status == reference.status
+  if sol.status == "optimal":
+    assert sol.objective == pytest.approx(reference.objective, rel=1e-9)
+    assert independent_objective(problem, sol.choice, sol.stage) == (pytest.approx(sol.objective), True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_stage_sweep_too_large_goes_on_to_the_miqp(seed, monkeypatch):
+  monkeypatch.setattr(_one_stage, "MAX_EXTENSIONS", 1)
+  problem = layout_dag(seed)
+  reference = solver.brute_force(problem)
+  sol = solver.solve(problem)
+  assert sol.status == reference.status
+  if sol.status == "optimal":
+    assert sol.method != "one_stage_dp"
+    assert sol.objective == pytest.approx(reference.objective, rel=1e-9)
+
+
 NUM_HUB = 80
 
 

@@ -175,9 +175,15 @@ def solve(problem: _problem.Problem, *, time_limit_s: float = 60.0,
     if objective < min(warm_objective, beat):
       warm, warm_objective = (relaxed.stages, relaxed.choice), objective
 
+  one_stage = None
   if method == "auto" and _one_stage.supported(tables):  # one stage: every edge is local
-    objective, found, timed_out = _one_stage.solve_one_stage(
-        tables, upper_bound=min(beat, warm_objective), incumbent=warm, deadline=deadline)
+    try:
+      one_stage = _one_stage.solve_one_stage(
+          tables, upper_bound=min(beat, warm_objective), incumbent=warm, deadline=deadline)
+    except _one_stage.TooLarge as e:  # Pareto fronts too wide: the methods below
+      logger.debug("one-stage sweep given up: %s", e)
+  if one_stage is not None:
+    objective, found, timed_out = one_stage
     if timed_out:
       if warm is not None:
         return finish("time_limit", *warm, bound=trivial, method_used="one_stage_dp")
