@@ -679,3 +679,51 @@ def test_predicted_collectives_count_sends_between_stages(block_graph):
   kinds = cost.predicted_collectives(tables, choice, {"block": 0, "norm": 1})
   assert kinds["send"] == 4 * activation
   assert kinds["all-reduce"] > 0
+
+
+# --- Pipelined configurations: what the tables offer and how stacks group -------------
+
+
+def _zoo_graph(name):
+  from experiments import models as zoo  # pylint: disable=g-import-not-at-top
+  model = zoo.create(name, "tiny", shape_only=True)
+  batch = zoo.example_batch(name, "tiny", 8, shape_only=True)
+  return graph_lib.trace(zoo.train_step(name), model, zoo.create_optimizer(model), batch)
+
+
+def test_pipelined_tables_leave_out_outputs_split_from_parameters():
+  """Llama's embedding may split its output over hidden ('dp=hidden') in a plain jit;
+  in a pipeline XLA reshards that output more often than charged, so pipelined tables
+  do not offer it (nor any candidate flagged `splits_new_dims`)."""
+  graph = _zoo_graph("llama_7b")
+  mesh8 = next(m for m in strategies.mesh_shapes(CPU8, 8) if m.as_dict() == {"dp": 8})
+  mesh4 = next(m for m in strategies.mesh_shapes(CPU8, 4) if m.as_dict() == {"dp": 4})
+  cache = {}
+  plain = cost.build_cost_tables(graph, CPU8, mesh=mesh8, cache=cache)
+  assert any(c.splits_new_dims for c in plain.layer("embed").candidates)
+  for stages, micro, mesh in ((1, 2, mesh8), (2, 1, mesh4), (2, 2, mesh4)):
+    for prune in (True, False):
+      tables = cost.build_cost_tables(graph, CPU8, mesh=mesh, num_stages=stages,
+                                      num_microbatches=micro, prune=prune, cache=cache)
+      for layer in tables.layers:
+        assert layer.candidates, layer.name
+        assert not any(c.splits_new_dims for c in layer.candidates), (layer.name, stages)
+      for edge in tables.edges:  # the edge tables follow the kept candidates
+        assert edge.same_stage_s.shape == (len(tables.layer(edge.src).candidates),
+                                           len(tables.layer(edge.dst).candidates))
+
+
+def test_stack_keys_group_layers_as_apply_groups_calls():
+  """T5's first and second decoder blocks differ in signature (autodiff attributes the
+  accumulation of the encoder output's cotangent to the first), but run the same
+  forward over the same parameters: one kind of stacks in apply, one stack key here.
+  The encoder's and the decoder's position biases compute different things."""
+  graph = _zoo_graph("t5_large")
+  layer = {l.name: l for l in graph.layers}
+  d0, d1 = layer["decoder_blocks/0"], layer["decoder_blocks/1"]
+  assert d0.signature != d1.signature
+  assert cost.stack_key(d0) == cost.stack_key(d1)
+  assert cost.stack_key(layer["encoder_blocks/0"]) == cost.stack_key(layer["encoder_blocks/1"])
+  assert cost.stack_key(d0) != cost.stack_key(layer["encoder_blocks/0"])
+  assert (cost.stack_key(layer["encoder_position_bias"])
+          != cost.stack_key(layer["decoder_position_bias"]))

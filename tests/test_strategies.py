@@ -742,3 +742,78 @@ def test_label_names_number_a_clash():
       params=[("blk/cross/k/kernel", 12)], input_ids=(10, 11), output_ids=(13,),
       layer_name="blk")
   assert names == ("batch", "seq", "hidden", "seq#3", "cross.k:0", "cross.k:1", "hidden#6")
+
+
+# --- Tied parameters, parameter-made splits and model outputs ---------------------------
+
+
+def _cpu_mesh(sizes):
+  return next(m for m in strategies.mesh_shapes(CPU8, 8) if m.as_dict() == sizes)
+
+
+def test_a_tied_table_is_kept_whole_by_every_layer_that_reads_it():
+  """GPT-2's head reads the token table the embedding owns: one stored layout, so no
+  candidate of either layer splits it, and the head's candidates carry the table's
+  bytes for the stack slot a pipeline gives it."""
+  irs = _zoo_irs("gpt2")
+  embed, head = irs["embed"], irs["lm_head"]
+  (table,) = embed.tied_ids
+  assert table in embed.param_ids and not embed.passed_ids
+  assert head.tied_ids == head.passed_ids == frozenset({table})
+  mesh = _cpu_mesh({"dp": 4, "tp": 2})
+  for ir in (embed, head):
+    cands = _candidates.layer_candidates(ir, mesh, recompute=False)
+    assert cands
+    for c in cands:
+      assert _candidates.value_layouts(ir, mesh, c)[table] == ((), ()), (ir.layer.name, c.name)
+  # Untied, the embedding may split its table (over hidden, over rows).
+  llama = _zoo_irs("llama_7b")["embed"]
+  assert not llama.tied_ids
+  names = {c.name for c in _candidates.layer_candidates(llama, mesh, recompute=False)}
+  assert "dp=hidden" in names
+  head_cands = _candidates.layer_candidates(head, mesh, recompute=False)
+  assert {c.tied_bytes for c in head_cands} == {(float(head.values[table].nbytes),)}
+
+
+def test_a_second_call_of_the_owning_module_reads_its_own_parameter():
+  """T5 calls its shared embedding twice and the head reads its table: all three keep
+  it whole, and only the head is passed it (a stack slot of its own)."""
+  irs = _zoo_irs("t5_large")
+  (table,) = irs["shared"].tied_ids
+  assert irs["shared@1"].tied_ids == {table} and not irs["shared@1"].passed_ids
+  assert irs["lm_head"].passed_ids == {table}
+
+
+def test_an_output_split_taken_from_a_parameter_is_flagged():
+  """An embedding whose output is split over hidden takes that split from its table,
+  not from its inputs: flagged (`splits_new_dims`), so pipelined tables leave it out;
+  the batch split and a block's hidden split of its own input are not."""
+  mesh = _cpu_mesh({"dp": 8})
+  embed = {c.name: c for c in _candidates.layer_candidates(
+      _zoo_irs("llama_7b")["embed"], mesh, recompute=False)}
+  assert embed["dp=hidden"].splits_new_dims
+  assert not embed["dp=batch"].splits_new_dims
+  assert not embed["replicated"].splits_new_dims
+  norm = {c.name: c for c in _candidates.layer_candidates(
+      _zoo_irs("llama_7b")["norm"], mesh, recompute=False)}
+  assert norm["dp=hidden"].output_specs == ((None, None, "dp"),)
+  assert not norm["dp=hidden"].splits_new_dims
+
+
+def test_model_outputs_and_values_made_by_the_loss_are_marked():
+  """GPT-2's head makes the logits its loss reads (a model output, which a pipeline
+  carries to its last stage); BERT's MLM head hands the NSP head a part of the loss,
+  made by the ops outside the module calls (a pipeline computes it outside)."""
+  mesh = _cpu_mesh({"dp": 8})
+  head = _zoo_irs("gpt2")["lm_head"]
+  logits = [v for v in head.values.values() if v.shape[-1:] == (256,) and len(v.shape) == 3]
+  c = {c.name: c for c in _candidates.layer_candidates(head, mesh, recompute=False)}
+  assert c["replicated"].model_outputs == ((float(logits[0].nbytes),) * 2,)
+  assert c["dp=batch"].model_outputs == ((float(logits[0].nbytes), logits[0].nbytes / 8),)
+  assert c["replicated"].outside_outputs == (True,)  # the loss the step returns
+  mlm = _zoo_irs("bert_huge")["mlm_head"]
+  (cand, *_) = _candidates.layer_candidates(mlm, mesh, recompute=False)
+  assert cand.outside_outputs == (True,) and len(cand.model_outputs) == 1
+  block = _zoo_irs("bert_huge")["blocks/0"]
+  (cand, *_) = _candidates.layer_candidates(block, mesh, recompute=False)
+  assert cand.outside_outputs == (False,) and cand.model_outputs == ()

@@ -18,6 +18,7 @@ from uniap_jax.cost._formulas import roofline_time_s as roofline_time_s
 from uniap_jax.cost._formulas import send_time_s as send_time_s
 from uniap_jax.cost._predict import EXECUTORS as EXECUTORS
 from uniap_jax.cost._predict import collectives_by_stage as collectives_by_stage
+from uniap_jax.cost._predict import inside_comms as inside_comms
 from uniap_jax.cost._predict import manual_axes as manual_axes
 from uniap_jax.cost._predict import predicted_collectives as predicted_collectives
 from uniap_jax.cost._predict import runtime_run_split as runtime_run_split
@@ -33,3 +34,4 @@ from uniap_jax.cost._tables import layer_costs as layer_costs
 from uniap_jax.cost._tables import microbatches_in_flight as microbatches_in_flight
 from uniap_jax.cost._tables import over_limit as over_limit
 from uniap_jax.cost._tables import reserve_bytes as reserve_bytes
+from uniap_jax.cost._tables import stack_key as stack_key

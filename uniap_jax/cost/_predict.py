@@ -51,7 +51,15 @@ Two counts:
         gradients before they are accumulated;
       * the state is stored split over "pp" (so that a device holds a 1/pp share of
         every leaf) and gathered into per-stage stacks each step by one all-to-all per
-        parameter leaf, whose gradients go back the same way.
+        parameter leaf, whose gradients go back the same way. Layers share stacks as
+        apply's calls share kinds (`LayerCosts.stack_key`); a tied parameter the model
+        passes to a call (a tied head's token table) is a leaf of that call's stacks
+        too (`Candidate.tied_bytes`).
+      * model outputs made before the last stage (`Candidate.model_outputs`: the
+        logits a loss reads) ride buffer slots to the last stage; a slot only they
+        ride moves in the forward pass and table forwards under "fused" and "1f1b",
+        both ways under autodiff "gpipe". Values the loss's ops make
+        (`Candidate.outside_outputs`) cross no stage boundary.
       * the loss, which the graph puts into the last layer (ops outside its module
         calls, `Candidate.op_outside`), runs once per step outside the pipeline on the
         whole batch: its compute and collectives (`Candidate.outside_comms`) once, M
@@ -256,20 +264,28 @@ def _runtime(tables, choice, stage_of, executor: str) -> Summary:
         names = tuple(tables.mesh.names[i] for i in axes)
         if not set(names) & manual:
           _add(out, kind, names, x, runs)
-  for local in program.slot_bytes:
-    _add(out, "send", (PIPELINE_AXIS,), local, permutes)
+  for local, outputs_only in program.slot_bytes:
+    _add(out, "send", (PIPELINE_AXIS,), local,
+         _output_permutes(executor, split) if outputs_only else permutes)
   for comm in _outside_comms(tables, choice):  # outside the shard_map: no manual axes
     _add(out, comm.kind, comm.axes, comm.bytes, comm.count)
   for layer, n in program.stacks:
-    leaves = len(layer.param_paths)
+    nbytes, leaves = _stack_bytes(layer, layer.candidates[choice[layer.name]])
     if not leaves:
       continue
-    cand = layer.candidates[choice[layer.name]]
     if data:  # every stacked gradient, summed over the manual data axes once per step
-      _add(out, "all-reduce", data, n * cand.param_bytes / leaves, leaves)
+      _add(out, "all-reduce", data, n * nbytes / leaves, leaves)
     if num_stages > 1:  # the state's leaves into per-stage stacks and their gradients back
-      _add(out, "all-to-all", (PIPELINE_AXIS,), n * cand.param_bytes / leaves, 2 * leaves)
+      _add(out, "all-to-all", (PIPELINE_AXIS,), n * nbytes / leaves, 2 * leaves)
   return out
+
+
+def _stack_bytes(layer: _tables.LayerCosts, cand: strategies.Candidate) -> tuple[float, int]:
+  """(bytes per device, leaves) of one slot of a layer kind's parameter stacks: its own
+  parameters and the tied ones another layer owns, which the pipeline passes to the
+  call as parameters of its own (`Candidate.tied_bytes`)."""
+  return (cand.param_bytes + sum(cand.tied_bytes),
+          len(layer.param_paths) + len(cand.tied_bytes))
 
 
 def _forward_runs(comm: strategies.Comm, gathers_params: bool, position: int,
@@ -318,14 +334,10 @@ def _split_gathers(comms: Sequence[strategies.Comm],
   return out
 
 
-def _inside_comms(cand: strategies.Candidate, *, bounds_view: bool = False
-                  ) -> list[strategies.Comm]:
+def inside_comms(cand: strategies.Candidate) -> list[strategies.Comm]:
   """The collectives a layer position issues inside the pipeline: its candidate's
   `pipeline_comms` without those of the ops outside its module calls (a loss), which
-  run once per step outside the pipeline (`_outside_comms`). With `bounds_view`, the
-  candidate's `comms` as they are (see `runtime_step_time_s`)."""
-  if bounds_view:
-    return list(cand.comms)
+  run once per step outside the pipeline (`_outside_comms`)."""
   if not cand.outside_comms:
     return list(cand.pipeline_comms)
   less: dict[tuple, list[float]] = {}
@@ -367,12 +379,10 @@ def _outside_comms(tables: _tables.CostTables, choice: Mapping[str, int]
   return out
 
 
-def _position_comms(cand: strategies.Candidate, *, bounds_view: bool = False
-                    ) -> list[tuple[strategies.Comm, bool]]:
-  """The collectives a layer position issues inside the pipeline (`_inside_comms`),
+def _position_comms(cand: strategies.Candidate) -> list[tuple[strategies.Comm, bool]]:
+  """The collectives a layer position issues inside the pipeline (`inside_comms`),
   its forward parameter gathers apart (True)."""
-  return _split_gathers(_inside_comms(cand, bounds_view=bounds_view),
-                        [c for g in cand.param_gathers for c in g.comms])
+  return _split_gathers(inside_comms(cand), [c for g in cand.param_gathers for c in g.comms])
 
 
 def _regathers(position: int, program: "_Program", split: tuple[int, ...],
@@ -427,7 +437,8 @@ class _Program:
     stacks: (a layer of each kind, its slots per stage) for the parameter stacks.
     reshards: (source layout, destination layout, bytes, destination position) of each
       edge inside the body.
-    slot_bytes: local bytes of each activation buffer slot sent between stages.
+    slot_bytes: per buffer slot sent between stages, (local bytes, whether only model
+      outputs ride it: then it moves in forward runs only, `_output_permutes`).
     live: per position, whether its output leads (on some stage) to a value sent to
       the next stage; the others only feed the model's outputs.
     terminal: per position, whether no layer reads its output on any stage.
@@ -442,23 +453,29 @@ class _Program:
 def _program(tables: _tables.CostTables, choice: Mapping[str, int],
              stage_of: Mapping[str, int]) -> _Program:
   num_stages, sizes = tables.num_stages, tables.mesh.sizes
-  # One stack (and one kind of layer position) per computation, parameter layout and
-  # recomputation flag, as the runtime groups calls: candidates that differ only in
-  # activation layouts share it.
+  # One kind of layer position per computation, parameter layout and recomputation
+  # flag, as the runtime groups calls: candidates that differ only in activation
+  # layouts share it.
   def key(l):
     cand = l.candidates[choice[l.name]]
     return (l.signature, tuple(cand.param_specs), cand.recompute)
   per_stage = [[l for l in tables.layers if stage_of[l.name] == s] for s in range(num_stages)]
   aligned = supersequence.align([[key(l) for l in layers] for layers in per_stage])
   positions = [per_stage[s][i] for s, i in (next(iter(w.items())) for w in aligned)]
+  # Parameter stacks: per kind of call as apply groups them (`LayerCosts.stack_key`),
+  # the most calls of the kind any stage holds.
+  def stack_of(l):
+    cand = l.candidates[choice[l.name]]
+    return (l.stack_key or l.signature, tuple(cand.param_specs), cand.recompute)
   capacity: dict[tuple, int] = {}
   for layers in per_stage:
     counts: dict[tuple, int] = {}
     for l in layers:
-      counts[key(l)] = counts.get(key(l), 0) + 1
+      counts[stack_of(l)] = counts.get(stack_of(l), 0) + 1
     for k, n in counts.items():
       capacity[k] = max(capacity.get(k, 0), n)
-  stacks = [(next(l for l in tables.layers if key(l) == k), n) for k, n in capacity.items()]
+  stacks = [(next(l for l in tables.layers if stack_of(l) == k), n)
+            for k, n in capacity.items()]
   # Edges: resharding inside the stage body, once per pair of positions (stages that
   # share both positions run one program); buffer slots across stage boundaries.
   position_of = {per_stage[s][i].name: p for p, where in enumerate(aligned)
@@ -466,23 +483,34 @@ def _program(tables: _tables.CostTables, choice: Mapping[str, int],
   live: list[list[tuple[float, float]]] = [[] for _ in range(num_stages - 1)]
   seen: set[int] = set()
   pairs: dict[tuple, tuple] = {}
+  layers = {l.name: l for l in tables.layers}
   for v, s_src, s_dst, src, dst, i, j, nbytes, ls, ld in _edge_values(tables, choice,
                                                                       stage_of):
+    if layers[src].candidates[choice[src]].outside_outputs[i]:
+      continue  # made by the loss's ops, outside the pipeline
     pairs.setdefault((position_of[src], position_of[dst], i, j, ls, ld),
                      (ls, ld, nbytes, position_of[dst]))
     if s_dst > s_src and v not in seen:
       seen.add(v)
       local = nbytes / strategies.shard_count(ls, sizes)
       for b in range(s_src, s_dst):
-        live[b].append((nbytes, local))
-  slots: list[tuple[float, float]] = []  # (full bytes, local bytes), shared by equal sizes
+        live[b].append((nbytes, local, False))
+  # The model's outputs made before the last stage ride to it (apply returns them from
+  # the last stage, and reads the pipeline's result there).
+  for l in tables.layers:
+    for nbytes, local in l.candidates[choice[l.name]].model_outputs:
+      for b in range(stage_of[l.name], num_stages - 1):
+        live[b].append((nbytes, local, True))
+  # (full bytes, local bytes, only outputs ride it), shared by equal sizes.
+  slots: list[list] = []
   for values in live:
     taken: set[int] = set()
-    for nbytes, local in values:
+    for nbytes, local, output in values:
       j = next((j for j, got in enumerate(slots) if j not in taken and got[0] == nbytes), None)
       if j is None:
         j = len(slots)
-        slots.append((nbytes, local))
+        slots.append([nbytes, local, output])
+      slots[j][2] = slots[j][2] and output
       taken.add(j)
   # Liveness of the uniform body's positions: a layer feeds a send when one of its
   # consumers is on a later stage or, on its own stage, feeds one itself.
@@ -496,8 +524,20 @@ def _program(tables: _tables.CostTables, choice: Mapping[str, int],
   live = [any(feeds[per_stage[s][i].name] for s, i in where.items()) for where in aligned]
   terminal = [all(not consumers.get(per_stage[s][i].name) for s, i in where.items())
               for where in aligned]
-  return _Program(positions, stacks, list(pairs.values()), [local for _, local in slots],
-                  live, terminal)
+  return _Program(positions, stacks, list(pairs.values()),
+                  [(local, output) for _, local, output in slots], live, terminal)
+
+
+def _output_permutes(executor: str, split: tuple[int, ...]) -> int:
+  """Permutes per step of a buffer slot only model outputs ride: "fused" and "1f1b"
+  move it in the forward pass and the table's forward runs, not backward (the outputs'
+  cotangents enter on the last stage); autodiff GPipe transposes every forward permute
+  (`runtime_run_split`'s permutes); both checked on compiled HLO (BERT's MLM logits,
+  tests/test_apply_zoo.py). "gpipe-remat" is taken to move it in its forward ticks
+  only, like "fused" (not checked: no plan's schedule runs it)."""
+  if executor == "gpipe":
+    return split[4]
+  return split[0] + split[1]
 
 
 def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
@@ -513,7 +553,8 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
   activations, the forward compute its backward reads (`Candidate.op_rerun`) and its
   "recompute" collectives once more
   (the `jax.checkpoint` apply wraps it in), and each tick moves its buffers (one send
-  per slot and direction); the collectives are those
+  per slot and direction; a slot only model outputs ride, `_output_permutes`); the
+  collectives are those
   `collectives_by_stage(..., executor=)` counts. As there, a table's forward runs skip
   the positions that lead to no send (compute and collectives), recomputations of the
   stage run of a position whose output leaves the model only what its backward reads
@@ -523,13 +564,10 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
   (each device updates its 1/pp share of every leaf) and the all-to-alls between the
   stored state and the stacks. With one stage and one micro-batch this is the sum of
   the layers' per-micro-batch and per-step times (what the solver's objective gives).
-  Two departures from `collectives_by_stage`, kept because the search's lower bounds
-  (`search._bounds`) price candidates so and must stay below this figure: the loss
-  (ops outside the last layer's module calls) is charged with its layer position,
-  per run, not once per step outside the pipeline (an overestimate); and a layer's
-  collectives are its candidate's `comms`, not its `pipeline_comms` (an embedding
-  table's gradient reduce-scattered per backward run, where XLA gathers the ids and
-  cotangents instead).
+  The loss (ops outside the last layer's module calls) runs once per step outside
+  the pipeline, on the whole batch: its compute M times a micro-batch's, its
+  collectives as `collectives_by_stage` counts them; a layer position's collectives
+  are its candidate's `pipeline_comms` less the loss's (`inside_comms`).
 
   Compare `solver.Solution.objective` (the paper's GPipe time, sum of stage times +
   sends + (c - 1) x the slowest): the runtime's figure is larger by the recomputation,
@@ -550,18 +588,19 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
     cand = layer.candidates[choice[layer.name]]
     per_op = _formulas.roofline_time_s(cand.op_flops, cand.op_bytes, cand.op_dtype, cluster)
     phase = np.array(cand.op_phase)
-    fwd = float(per_op[phase == "forward"].sum())
-    rerun = float(per_op[cand.op_rerun].sum())  # what a recomputation runs again
+    inside = ~np.asarray(cand.op_outside, dtype=bool)  # the loss runs outside (below)
+    fwd = float(per_op[(phase == "forward") & inside].sum())
+    rerun = float(per_op[np.asarray(cand.op_rerun, dtype=bool) & inside].sum())
     runs = split[0] + (split[1] if program.live[p] else 0)
     forward += runs * fwd + split[2] * (rerun if program.terminal[p] else fwd)
-    backward += float(per_op[phase == "backward"].sum())
+    backward += float(per_op[(phase == "backward") & inside].sum())
     if cand.recompute:  # what its backward reads of its forward, in every backward run
       backward += rerun
     for comm, n in (*_terminal_reruns(p, program, split, choice),
                     *_regathers(p, program, split, choice)):
       if not set(comm.axes) & manual:
         forward += _formulas.comm_time_s(comm, mesh, cluster) * comm.count * n
-    for comm, gathers in _position_comms(cand, bounds_view=True):
+    for comm, gathers in _position_comms(cand):
       if set(comm.axes) & manual or not _comm_runs(comm, manual, 1, 1):
         continue  # over manual axes: the psum of the stacked gradients below
       t = _formulas.comm_time_s(comm, mesh, cluster) * comm.count
@@ -585,21 +624,33 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
   data = tuple(mesh.index(a) for a in mesh.names if a in manual)
   if data:
     for layer, n in program.stacks:
-      cand = layer.candidates[choice[layer.name]]
-      if layer.param_paths:
-        once += _formulas.collective_time_s("all-reduce", n * cand.param_bytes,
+      nbytes, leaves = _stack_bytes(layer, layer.candidates[choice[layer.name]])
+      if leaves:
+        once += _formulas.collective_time_s("all-reduce", n * nbytes,
                                             mesh.level_factors(data), cluster.levels)
-  send = sum(_formulas.send_time_s(local, mesh.num_devices, cluster)
-             for local in program.slot_bytes) if num_stages > 1 else 0.0
+  send = output_send = 0.0
+  if num_stages > 1:
+    for local, outputs_only in program.slot_bytes:
+      t = _formulas.send_time_s(local, mesh.num_devices, cluster)
+      if outputs_only:
+        output_send += t * _output_permutes(executor, split)
+      else:
+        send += t
   for layer in tables.layers:
     cand = layer.candidates[choice[layer.name]]
     per_op = _formulas.roofline_time_s(cand.op_flops, cand.op_bytes, cand.op_dtype, cluster)
-    once += float(per_op[np.array(cand.op_phase) == "optimizer"].sum()) / num_stages
+    phase = np.array(cand.op_phase)
+    once += float(per_op[phase == "optimizer"].sum()) / num_stages
+    # The loss: once per step outside the pipeline, on the whole batch (M micro-batches).
+    outside = np.asarray(cand.op_outside, dtype=bool) & (phase != "optimizer")
+    once += m * float(per_op[outside].sum())
+  for comm in _outside_comms(tables, choice):
+    once += _formulas.comm_time_s(comm, mesh, cluster) * comm.count
   if num_stages > 1:
     for layer, n in program.stacks:
-      cand = layer.candidates[choice[layer.name]]
-      once += 2 * _formulas.send_time_s(n * cand.param_bytes, mesh.num_devices, cluster)
-  return forward + backward_runs * backward + permutes * send + once
+      nbytes, _ = _stack_bytes(layer, layer.candidates[choice[layer.name]])
+      once += 2 * _formulas.send_time_s(n * nbytes, mesh.num_devices, cluster)
+  return forward + backward_runs * backward + permutes * send + output_send + once
 
 
 def collectives_by_stage(tables: _tables.CostTables, choice: Mapping[str, int],

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import dataclasses
+import hashlib
 import math
 import warnings
 
@@ -82,6 +83,10 @@ class LayerCosts:
     activation_bytes: activations kept for backward plus batch leaves, per micro-batch.
     temp_bytes: the largest transient working set.
     num_costed: candidates costed before Pareto pruning.
+    stack_key: equal for layers a pipeline can keep in one set of parameter stacks
+      (`stack_key`): the same forward computation over the same parameters (paths
+      relative to the layer). Coarser than `signature`, which also tells apart the
+      backward ops autodiff attributes to the first reader of a shared input.
   """
 
   name: str
@@ -99,6 +104,7 @@ class LayerCosts:
   activation_bytes: tuple[float, ...]
   temp_bytes: tuple[float, ...]
   num_costed: int
+  stack_key: str = ""
 
   def memory_bytes(self, in_flight: int, accumulate: bool = True) -> tuple[float, ...]:
     """Per candidate, bytes per device with `in_flight` micro-batches' activations.
@@ -306,8 +312,10 @@ def build_cost_tables(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
   reserve = reserve_bytes(layers)
   over = over_limit(layers, schedule=schedule, num_microbatches=num_microbatches,
                     num_stages=num_stages, limit_bytes=limit)
-  if prune:
-    layers, edges = _configuration_view(layers, edges, num_microbatches, cache)
+  pipelined = num_stages > 1 or num_microbatches > 1
+  if prune or pipelined:
+    layers, edges = _configuration_view(layers, edges, num_microbatches, cache,
+                                        prune=prune, pipelined=pipelined)
   return CostTables(mesh=mesh, cluster=cluster, num_stages=num_stages,
                     num_microbatches=num_microbatches, microbatch_size=microbatch,
                     schedule=schedule, layers=tuple(layers), edges=edges,
@@ -437,9 +445,34 @@ def _layer_costs(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
         input_nbytes=tuple(float(ir.values[v].nbytes) for v in ir.input_ids),
         output_nbytes=tuple(float(ir.values[v].nbytes) for v in ir.output_ids),
         microbatch_time_s=micro, step_time_s=step, state_bytes=state, grad_bytes=grads,
-        activation_bytes=act, temp_bytes=temp, num_costed=costed))
+        activation_bytes=act, temp_bytes=temp, num_costed=costed,
+        stack_key=stack_key(layer)))
   got = cache[key] = (tuple(layers), tuple(sorted(unsupported.items())))
   return got
+
+
+def stack_key(layer: graph_lib.Layer) -> str:
+  """A hash of a layer's forward ops (primitives, parameters, shapes, value ids
+  renumbered by first use) and its parameters' paths below the layer's module path:
+  what `uniap_jax.apply` groups calls into one kind of parameter stacks by (module
+  structure, leaf shapes, argument shapes), as far as the trace shows it."""
+  canon: dict[int, int] = {}
+
+  def c(i: int) -> int:
+    if i < 0:
+      return -1
+    return canon.setdefault(i, len(canon))
+
+  base = layer.name.split("@")[0] + "/"
+  items: list = [tuple((p.path[len(base):] if p.path.startswith(base) else p.path,
+                        p.info.shape, p.info.dtype) for p in layer.params)]
+  for op in layer.ops:
+    if op.phase != "forward":
+      continue
+    items.append((op.primitive, tuple(c(i) for i in op.in_ids),
+                  tuple((t.shape, t.dtype) for t in op.in_types),
+                  tuple(c(o) for o in op.out_ids), op.params))
+  return hashlib.blake2b(repr(items).encode(), digest_size=16).hexdigest()
 
 
 def _all_edge_costs(graph: graph_lib.LayerGraph, layers: Sequence[LayerCosts],
@@ -459,9 +492,15 @@ def _all_edge_costs(graph: graph_lib.LayerGraph, layers: Sequence[LayerCosts],
 
 
 def _configuration_view(layers: tuple[LayerCosts, ...], edges: tuple[EdgeCosts, ...],
-                        num_microbatches: int, cache: dict
+                        num_microbatches: int, cache: dict, *, prune: bool = True,
+                        pipelined: bool = False
                         ) -> tuple[tuple[LayerCosts, ...], tuple[EdgeCosts, ...]]:
-  """The candidates one micro-batch count can prefer, with their edges' rows.
+  """The candidates one configuration can prefer (`prune`) and run as charged
+  (`pipelined`), with their edges' rows.
+
+  In a pipeline, candidates whose output takes a split from a parameter
+  (`Candidate.splits_new_dims`) are left out: XLA reshards such outputs more often
+  than the runtime model can say. A layer all of whose candidates do so keeps them.
 
   Once the micro-batch count is fixed, the solver sees a candidate only through its
   time microbatch_time_s + step_time_s / c and its memory, state + gradients +
@@ -470,7 +509,7 @@ def _configuration_view(layers: tuple[LayerCosts, ...], edges: tuple[EdgeCosts, 
   by one with the same boundary layouts, hence the same edge costs, is never needed.
   The reserve and the memory checks are taken before this, on every kept candidate.
   """
-  key = ("view", id(layers), num_microbatches)
+  key = ("view", id(layers), num_microbatches, prune, pipelined)
   got = cache.get(key)
   if got is not None and got[0] is layers:
     return got[1]
@@ -492,8 +531,13 @@ def _configuration_view(layers: tuple[LayerCosts, ...], edges: tuple[EdgeCosts, 
       groups: dict[tuple, list[int]] = {}
       for i, cand in enumerate(l.candidates):
         groups.setdefault(cand.boundary_key, []).append(i)
+      if pipelined:
+        runs = {i for i, cand in enumerate(l.candidates) if not cand.splits_new_dims}
+        if runs:
+          groups = {k: [i for i in idx if i in runs] for k, idx in groups.items()}
+          groups = {k: idx for k, idx in groups.items() if idx}
       keep = sorted(i for idx in groups.values() for i in
-                    (idx[j] for j in _pareto(objectives[idx])))
+                    ((idx[j] for j in _pareto(objectives[idx])) if prune else idx))
       keep_of[id(l.candidates)] = keep
       # Layers of one signature share the picked tuples (edge caches key on them).
       picked[id(l.candidates)] = None if len(keep) == len(l.candidates) else {

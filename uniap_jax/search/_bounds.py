@@ -366,40 +366,57 @@ def _cached(cache: dict, key: tuple, candidates, cluster) -> np.ndarray | None:
   return None
 
 
-def _op_times(cand: strategies.Candidate,
-              cluster: cluster_lib.Cluster) -> tuple[np.ndarray, np.ndarray]:
-  """(seconds per op, phase per op) of one candidate, priced as the tables price them."""
+def _op_times(cand: strategies.Candidate, cluster: cluster_lib.Cluster,
+              pipelined: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """(seconds per op, phase per op) of one candidate, priced as the tables price them.
+
+  pipelined: the ops outside the layer's module calls (the loss) get phase "outside":
+  the pipelined runtime runs them once per step, outside the pipeline (not bounded
+  here; they only add)."""
   per_op = cost.roofline_time_s(np.asarray(cand.op_flops, dtype=np.float64),
                                 np.asarray(cand.op_bytes, dtype=np.float64),
                                 cand.op_dtype, cluster)
-  return per_op, np.asarray(cand.op_phase)
+  phase = np.asarray(cand.op_phase)
+  outside = getattr(cand, "op_outside", None)
+  if pipelined and outside is not None and np.any(outside):
+    phase = np.where(np.asarray(outside, dtype=bool) & (phase != "optimizer"), "outside",
+                     phase)
+  return per_op, phase
+
+
+def _comms(cand: strategies.Candidate, pipelined: bool) -> Sequence[strategies.Comm]:
+  """The collectives the runtime issues per run of a position holding the candidate:
+  inside a pipeline its `pipeline_comms` less the loss's (`cost.inside_comms`), else
+  its `comms`."""
+  return cost.inside_comms(cand) if pipelined else cand.comms
 
 
 def _phase_times(candidates: Sequence[strategies.Candidate], mesh: strategies.MeshShape,
-                 cluster: cluster_lib.Cluster, cache: dict) -> np.ndarray:
+                 cluster: cluster_lib.Cluster, cache: dict,
+                 pipelined: bool = False) -> np.ndarray:
   """[6, candidate], at least what `cost.runtime_step_time_s` charges a position
   holding the candidate (see the comment above `_runs`): forward compute per forward
   run, forward collectives per pass, backward compute and collectives per backward
   run (with the forward again for a candidate that recomputes its activations),
   once per step on its own position, optimizer compute (once per step, shared
   by the S stages), and what a recomputation runs again (at most the forward). Once
-  per candidate tuple and mesh in `cache`.
+  per candidate tuple, mesh and `pipelined` (`_op_times`, `_comms`) in `cache`.
   """
-  key = ("runtime_phase_rows", id(candidates), mesh, id(cluster))
+  key = ("runtime_phase_rows", id(candidates), mesh, id(cluster), pipelined)
   got = _cached(cache, key, candidates, cluster)
   if got is not None:
     return got
   rows = np.zeros((6, len(candidates)))
   for k, cand in enumerate(candidates):
-    per_op, phase = _op_times(cand, cluster)
+    per_op, phase = _op_times(cand, cluster, pipelined)
     rows[0, k] = float(per_op[phase == "forward"].sum())
     rows[2, k] = float(per_op[phase == "backward"].sum())
     rows[4, k] = float(per_op[phase == "optimizer"].sum())
-    rows[5, k] = min(_rerun_s(cand, per_op), rows[0, k])
+    rows[5, k] = min(_rerun_s(cand, per_op, phase), rows[0, k])
     if cand.recompute:  # under jax.checkpoint: what its backward reads of its forward
-      rows[2, k] += _rerun_s(cand, per_op)
+      rows[2, k] += _rerun_s(cand, per_op, phase)
     sharded = _param_axes(cand)
-    for comm in cand.comms:
+    for comm in _comms(cand, pipelined):
       if not comm.axes or not set(comm.axes) <= sharded or comm.phase == "recompute":
         continue  # may be skipped: over a manual axis, or closing a recomputed output
       t = cost.comm_time_s(comm, mesh, cluster) * comm.count
@@ -413,13 +430,16 @@ def _phase_times(candidates: Sequence[strategies.Candidate], mesh: strategies.Me
   return rows
 
 
-def _rerun_s(cand: strategies.Candidate, per_op: np.ndarray) -> float:
+def _rerun_s(cand: strategies.Candidate, per_op: np.ndarray,
+             phase: np.ndarray | None = None) -> float:
   """Seconds of what a recomputation of the candidate's forward runs again
-  (`Candidate.op_rerun`; all of the forward where candidates do not say)."""
+  (`Candidate.op_rerun`; all of the forward where candidates do not say), without the
+  ops `phase` (from `_op_times`) puts outside."""
+  phase = np.asarray(cand.op_phase) if phase is None else phase
   rerun = getattr(cand, "op_rerun", None)
   if rerun is None:
-    return float(per_op[np.asarray(cand.op_phase) == "forward"].sum())
-  return float(per_op[np.asarray(rerun, dtype=bool)].sum())
+    return float(per_op[phase == "forward"].sum())
+  return float(per_op[np.asarray(rerun, dtype=bool) & (phase != "outside")].sum())
 
 
 def _runtime_layer_bound(layers: Sequence[cost.LayerCosts], config: Config,
@@ -458,7 +478,8 @@ def _runtime_layer_bound(layers: Sequence[cost.LayerCosts], config: Config,
     consumed = any(v in read for v in l.output_ids)
     got = groups.get((id(l.candidates), consumed))
     if got is None:
-      fwd, fwd_comm, bwd, once, opt, rerun = _phase_times(l.candidates, mesh, cluster, cache)
+      fwd, fwd_comm, bwd, once, opt, rerun = _phase_times(
+          l.candidates, mesh, cluster, cache, pipelined=not (s == 1 and c == 1))
       solver_t = np.asarray(l.microbatch_time_s) + np.asarray(l.step_time_s) / c
       forward = fr * fwd if consumed else passes * fwd + (fr - passes) * rerun
       w = forward + fc * fwd_comm + br * bwd + once
@@ -540,7 +561,9 @@ def runtime_lower_bound(tables: cost.CostTables) -> float:
 # least per-position figure over the candidates of any layer of g (the runtime prices
 # a position by one of its layers' candidates). So the runtime is at least
 #   sum over g of [m_g x w_g + 2 send(m_g x least parameter bytes of g)]   (S > 1:
-#       the stacks' all-to-alls, once per step; send time is affine, so subadditive)
+#       the stacks' all-to-alls, once per step; send time is affine, so subadditive;
+#       signatures that share a stack key share stacks, with at least the slots of
+#       each: only the first of them is charged)
 #   + permutes x send(least bytes of a value between layers)               (S > 1)
 #   + optimizer compute / S.
 # m_g is taken as the least over contiguous splits into at most S stages whose stages
@@ -578,22 +601,24 @@ def _position_rows(candidates: Sequence[strategies.Candidate], mesh: strategies.
   """[9, candidate]: forward compute, backward compute (+ what a recomputation runs
   again, when recomputing), forward all-gathers, forward all-reduces, other forward
   collectives, per-backward-run collectives, optimizer collectives, optimizer compute,
-  what a recomputation runs again (at most the forward); seconds per execution."""
+  what a recomputation runs again (at most the forward); seconds per execution inside
+  a pipeline (the loss's ops and collectives left out: they run once per step outside
+  it, `_op_times`, `_comms`)."""
   key = ("runtime_position_rows", id(candidates), mesh, id(cluster))
   got = _cached(cache, key, candidates, cluster)
   if got is not None:
     return got
   rows = np.zeros((9, len(candidates)))
   for k, cand in enumerate(candidates):
-    per_op, phase = _op_times(cand, cluster)
+    per_op, phase = _op_times(cand, cluster, pipelined=True)
     rows[0, k] = float(per_op[phase == "forward"].sum())
-    rerun = _rerun_s(cand, per_op)
+    rerun = _rerun_s(cand, per_op, phase)
     rows[1, k] = float(per_op[phase == "backward"].sum()) + (rerun if cand.recompute
                                                             else 0.0)
     rows[8, k] = min(rerun, rows[0, k])
     rows[7, k] = float(per_op[phase == "optimizer"].sum())
     sharded = _param_axes(cand)
-    for comm in cand.comms:
+    for comm in _comms(cand, pipelined=True):
       if not comm.axes or not set(comm.axes) <= sharded:
         continue  # may be over a manual axis: not issued inside the body
       t = cost.comm_time_s(comm, mesh, cluster) * comm.count
@@ -691,10 +716,15 @@ def _runtime_position_bound(layers: Sequence[cost.LayerCosts], config: Config,
   optimizer_s = 0.0
   least_send = math.inf
   position = {v: i for i, l in enumerate(layers) for v in l.output_ids}
+  # Values the loss's ops make (`Candidate.outside_outputs`, alike for a layer's
+  # candidates) are computed outside the pipeline: no buffer slot carries them.
+  outside_made = {v for l in layers if l.candidates
+                  for v, out in zip(l.output_ids,
+                                    getattr(l.candidates[0], "outside_outputs", ())) if out}
   last_reader: dict[int, int] = {}
   for i, l in enumerate(layers):
     for v in l.input_ids:
-      if v in position and position[v] < i:
+      if v in position and position[v] < i and v not in outside_made:
         last_reader[v] = max(last_reader.get(v, i), i)
   reaches = [False] * len(layers)  # whether a layer's outputs lead to the last layer
   if layers:
@@ -707,6 +737,7 @@ def _runtime_position_bound(layers: Sequence[cost.LayerCosts], config: Config,
   for i in range(len(layers) - 2, -1, -1):
     reaches[i] = any(reaches[j] for j in readers.get(i, ()))
   live_weight: list[float] = []
+  stack_keys: dict[str, set[int]] = {}
   per_layer: list[tuple[int, bool, np.ndarray]] = []
   for i, l in enumerate(layers):
     rows = _position_rows(l.candidates, mesh, cluster, cache)
@@ -728,6 +759,7 @@ def _runtime_position_bound(layers: Sequence[cost.LayerCosts], config: Config,
       w = w + table * (rows[0] + rows[3] + rows[4]) + min(table, 1) * rows[2]
     live_weight[g] = min(live_weight[g], float(w.min()))
     param_bytes[g] = min(param_bytes[g], min(float(k.param_bytes) for k in l.candidates))
+    stack_keys.setdefault(l.stack_key or l.signature, set()).add(g)
     kinds.append(g)
     optimizer_s += float(rows[7].min())
     for j, v in enumerate(l.output_ids):
@@ -735,6 +767,11 @@ def _runtime_position_bound(layers: Sequence[cost.LayerCosts], config: Config,
         least_send = min(least_send, min(
             l.output_nbytes[j] / strategies.shard_count(k.output_layouts[j], mesh.sizes)
             for k in l.candidates))
+  # `cost` stacks the parameters of signatures with one stack key together (one kind
+  # of call in apply), with at least the slots of each: only one of them is charged.
+  for gs in stack_keys.values():
+    for g in sorted(gs)[1:]:
+      param_bytes[g] = 0.0
   counts = [kinds.count(g) for g in range(len(weight))]
   sends = 0.0
   if s > 1 and math.isfinite(least_send):

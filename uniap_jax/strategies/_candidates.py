@@ -114,6 +114,13 @@ class Candidate:
       split the batch dim there. Outside a pipeline whose shard_map makes further
       batch axes manual, the batch arrives split over those too, and XLA all-reduces
       the result over them (once per step).
+    model_outputs: (full bytes, bytes per device) per micro-batch of each value the
+      layer's module calls produce and the ops outside them read (the logits a loss
+      reads). A pipeline returns these from its last stage: made on an earlier stage,
+      they ride buffer slots across the later stage boundaries in every forward run.
+    outside_outputs: per boundary output (`output_ids`), whether the ops outside the
+      module calls make it (a part of the loss another layer's loss ops add to): a
+      pipeline computes it outside, so it crosses no stage boundary.
     pipeline_comms: `comms` as XLA compiles them when the layer runs inside a
       pipeline's shard_map, with the axes concerned automatic: the gradient of a table
       split over every mesh axis along its rows, with the ids split along one dim, is
@@ -123,6 +130,19 @@ class Candidate:
     param_bytes / grad_bytes / optimizer_bytes: per device, for the whole step.
     param_elements: parameter elements per device (for optimizer states that are not
       traced, see `cost.model_state_bytes`).
+    splits_new_dims: whether a boundary output is split along a dim that is neither
+      the batch nor a dim of any boundary input: a split the layer takes from a
+      parameter (an embedding or patch projection whose output is split over hidden,
+      "dp=hidden"). Inside a pipeline XLA reshards such an output more often than
+      one edge reshard per forward run (again at the transposes of the boundary's
+      sharding constraints in the backward, once per block position that can read
+      the stage input, or with all-to-alls into a batch-split consumer), so the cost
+      tables of a pipelined configuration do not offer these candidates
+      (`cost.build_cost_tables`).
+    tied_bytes: per tied parameter the model passes to the layer's call
+      (`LayerIR.passed_ids`; a tied LM head's token table), its bytes per device. A
+      pipeline gives it a slot in the layer's parameter stacks, whose gradient
+      autodiff adds to the owner's.
     activation_bytes: per device and micro-batch, kept from forward to backward.
     batch_bytes: per device and micro-batch, the batch leaves this layer reads (not
       already counted as activations).
@@ -157,11 +177,15 @@ class Candidate:
   outside_comms: tuple[Comm, ...]
   outside_scales: tuple[bool, ...]
   outside_batch_sums: tuple[tuple[float, tuple[str, ...]], ...]
+  model_outputs: tuple[tuple[float, float], ...]
+  outside_outputs: tuple[bool, ...]
   pipeline_comms: tuple[Comm, ...]
   param_bytes: float
   grad_bytes: float
   optimizer_bytes: float
   param_elements: float
+  tied_bytes: tuple[float, ...]
+  splits_new_dims: bool
   activation_bytes: float
   batch_bytes: float
   temp_bytes: float
@@ -337,6 +361,13 @@ class _Evaluator:
     # What the ops outside the module calls keep for their backward: kept whether or
     # not the layer recomputes (the recomputation covers the module calls only).
     self.batch_only = frozenset(ir.batch_ids) - frozenset(ir.kept_ids)
+    # Values the module calls produce and the ops outside them read (the logits a
+    # loss reads): a pipeline returns them, so they cross every later stage boundary.
+    self.model_output_ids = tuple(sorted(
+        {v for k, o in enumerate(ops) if self.op_outside[k] and o.op.phase == "forward"
+         for v in o.op.in_ids if v in producer and ops[producer[v]].op.module}))
+    self.outside_outputs = tuple(
+        in_modules and v in producer and not ops[producer[v]].op.module for v in ir.output_ids)
     self.outside_kept = tuple(v for v in ir.kept_ids if v not in ir.constant_ids
                               and v in producer and in_modules
                               and not ops[producer[v]].op.module)
@@ -435,8 +466,21 @@ class _Evaluator:
     return out
 
   def _valid(self, assignment: Assignment, layouts: Mapping[int, Layout]) -> bool:
-    """False when an axis cannot split a parameter or boundary tensor it should split."""
+    """False when an axis cannot split a parameter or boundary tensor it should split,
+    or splits a tied parameter.
+
+    A parameter several layers read (`LayerIR.tied_ids`) has one stored layout, set by
+    its owner's candidate, while each reader's candidate assumes its own: a reader
+    whose layout differs gathers the stored one (XLA all-gathers a hidden-split token
+    table for a tied LM head once per step, or contracts over the split and
+    all-reduces the logits), which no candidate can charge, as it depends on another
+    layer's choice. Only layouts that agree whatever the other layers choose are
+    offered: the tied parameter kept whole in every reader.
+    """
     ir = self.ir
+    for vid in ir.tied_ids:
+      if any(layouts[vid]):
+        return False
     for vid in (*ir.param_ids, *ir.input_ids, *ir.output_ids):
       v = ir.values[vid]
       used = _layout.used_axes(layouts[vid])
@@ -444,6 +488,16 @@ class _Evaluator:
         if ax not in used and any(l in v.labels for l in prefs):
           return False
     return True
+
+  def _splits_new_dims(self, layouts: Mapping[int, Layout]) -> bool:
+    """`Candidate.splits_new_dims` under these layouts."""
+    ir = self.ir
+    input_labels = {l for v in ir.input_ids for l in ir.values[v].labels}
+    for v in ir.output_ids:
+      for lab, axes in zip(ir.values[v].labels, layouts[v]):
+        if axes and lab not in ir.batch_labels and lab not in input_labels:
+          return True
+    return False
 
   def _idle_devices(self, layouts: Mapping[int, Layout]) -> int:
     """The product of the sizes of the mesh axes that split no value of the layer."""
@@ -653,7 +707,11 @@ class _Evaluator:
         outside_comms=tuple(self._comm(key, total, n) for (key, _), (total, n) in outside_list),
         outside_scales=tuple(scaled for (_, scaled), _ in outside_list),
         outside_batch_sums=tuple(batch_sums),
+        model_outputs=tuple((float(nbytes_of[v]), local(v)) for v in self.model_output_ids),
+        outside_outputs=self.outside_outputs,
         param_bytes=param_bytes, grad_bytes=grad_bytes, optimizer_bytes=optimizer_bytes,
+        tied_bytes=tuple(local(v) for v in sorted(ir.passed_ids)),
+        splits_new_dims=self._splits_new_dims(layouts),
         param_elements=param_elements,
         batch_bytes=sum(local(v) for v in ir.batch_ids if v not in ir.kept_ids))
     name = describe(assignment, self.names, names, ir.batch_labels)

@@ -40,12 +40,15 @@ class GraphInfo:
     roles: value id -> role of the step's inputs ("param", "optimizer_state", ...).
     live: values that reach the step's results (the rest is dead code XLA drops).
     traced_batch: the batch size the graph was traced with.
+    tied: parameters the forward ops of more than one layer read (a tied embedding:
+      the token table and the LM head that reuses it): value id -> parameter path.
   """
 
   batch: frozenset[Node]
   roles: Mapping[int, str]
   live: frozenset[int]
   traced_batch: int
+  tied: Mapping[int, str] = dataclasses.field(default_factory=dict)
 
 
 def analyze(graph: graph_lib.LayerGraph) -> GraphInfo:
@@ -68,8 +71,18 @@ def analyze(graph: graph_lib.LayerGraph) -> GraphInfo:
     op = producer.get(v)
     if op is not None:
       stack.extend(i for i in op.in_ids if i >= 0 and i not in live)
-  return GraphInfo(batch=batch_dims(graph), roles={i.value_id: i.role for i in graph.inputs},
-                   live=frozenset(live), traced_batch=graph.batch_size)
+  roles = {i.value_id: i.role for i in graph.inputs}
+  paths = {i.value_id: i.path for i in graph.inputs}
+  readers: dict[int, set[str]] = {}
+  for layer in graph.layers:
+    for op in layer.ops:
+      if op.phase == "forward":
+        for v in op.in_ids:
+          if roles.get(v) == "param":
+            readers.setdefault(v, set()).add(layer.name)
+  return GraphInfo(batch=batch_dims(graph), roles=roles, live=frozenset(live),
+                   traced_batch=graph.batch_size,
+                   tied={v: paths[v] for v, names in sorted(readers.items()) if len(names) > 1})
 
 
 def batch_dims(graph: graph_lib.LayerGraph) -> frozenset[Node]:
@@ -139,6 +152,13 @@ class LayerIR:
     constant_ids: values computed from constants alone (iota, masks): every device
       computes whatever part it needs, so resharding them is free.
     scale: micro-batch size / traced batch size.
+    tied_ids: parameters this layer reads that other layers read too (`GraphInfo.tied`),
+      whether it owns them (`param_ids`) or not. They have one stored layout, which
+      the owner's candidate sets and every reader's forward must gather from.
+    passed_ids: those of `tied_ids` that neither this layer nor its module owns (the
+      parameter's path does not lie under the layer's module path): the model passes
+      them to the call, as a tied head gets the token table; a second call of the
+      owning module (T5's "shared@1") reads its own parameter.
   """
 
   layer: graph_lib.Layer
@@ -164,6 +184,8 @@ class LayerIR:
   readers: Mapping[int, int]
   constant_ids: frozenset[int]
   scale: float
+  tied_ids: frozenset[int] = frozenset()
+  passed_ids: frozenset[int] = frozenset()
 
 
 def build(layer: graph_lib.Layer, info: GraphInfo | None = None, *,
@@ -285,7 +307,11 @@ def build(layer: graph_lib.Layer, info: GraphInfo | None = None, *,
       residual_ids=residual_ids, kept_ids=kept_ids, kept_for=kept_for, grad_ids=grad_ids,
       grad_like_ids=grad_like,
       fused_ids=_fused(live_ops, layer.output_ids), readers=_readers(live_ops),
-      constant_ids=_constants(live_ops), scale=scale)
+      constant_ids=_constants(live_ops), scale=scale,
+      tied_ids=frozenset(v for v in values if info is not None and v in info.tied),
+      passed_ids=frozenset(
+          v for v in values if info is not None and v in info.tied and v not in param_ids
+          and not info.tied[v].startswith(layer.name.split("@")[0] + "/")))
 
 
 # What the dims of a boundary activation [batch, ...] are called, by its rank after the
