@@ -111,6 +111,17 @@ def test_solve_matches_brute_force(seed):
     assert sol.gap == 0.0 and sol.bound == sol.objective
 
 
+def solved_as_brute_force(problem: solver.Problem) -> solver.Solution:
+  """`solver.solve`'s answer, checked against brute force and an independent evaluation."""
+  reference = solver.brute_force(problem)
+  sol = solver.solve(problem)
+  assert sol.status == reference.status
+  if sol.status == "optimal":
+    assert sol.objective == pytest.approx(reference.objective, rel=1e-9)
+    assert independent_objective(problem, sol.choice, sol.stage) == (pytest.approx(sol.objective), True)
+  return sol
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_one_stage_dags_match_brute_force(seed):
   # One stage: every edge is local and an exact DP handles any DAG with few pending edges.
@@ -128,12 +139,8 @@ def test_one_stage_dags_match_brute_force(seed):
   limit = sum(np.mean(l.memory) for l in layers) * rng.choice([0.5, 0.9, 1.2])
   problem = solver.Problem(layers=layers, edges=edges, num_microbatches=int(rng.choice([1, 4])),
                            memory_limit=float(limit))
-  reference = solver.brute_force(problem)
-  sol = solver.solve(problem)
-  assert sol.status == reference.status
+  sol = solved_as_brute_force(problem)
   if sol.status == "optimal":
-    assert sol.objective == pytest.approx(reference.objective, rel=1e-9)
-    assert independent_objective(problem, sol.choice, sol.stage) == (pytest.approx(sol.objective), True)
     tables = _tables.prune(_tables.build(problem))
     assert sol.method == ("one_stage_dp" if _one_stage.supported(tables) else "miqp") or (
         sol.method == "chain_dp")  # the chain relaxation's bound can settle it first
@@ -165,13 +172,7 @@ def layout_dag(seed: int) -> solver.Problem:
 def test_one_stage_sweep_over_layout_classes_matches_brute_force(seed):
   """Labels carry candidate classes (equal outgoing edge rows) and drop labels slower
   than one that fits any completion: still exact."""
-  problem = layout_dag(seed)
-  reference = solver.brute_force(problem)
-  sol = solver.solve(problem)
-  assert sol.status == reference.status
-  if sol.status == "optimal":
-    assert sol.objective == pytest.approx(reference.objective, rel=1e-9)
-    assert independent_objective(problem, sol.choice, sol.stage) == (pytest.approx(sol.objective), True)
+  solved_as_brute_force(layout_dag(seed))
 
 
 @pytest.mark.parametrize("seed", range(6))
