@@ -648,6 +648,22 @@ def test_zero_pipeline_compiles_collectives_over_the_predicted_axes(executor):
   assert backward_runs > 1
 
 
+def test_runtime_of_the_plain_step_is_the_solvers_objective_for_any_choice():
+  """One stage, one micro-batch: the jitted step runs the layers and reshards at the
+  edges, exactly what the solver's objective sums, whatever the candidates."""
+  _, tables, _, stage_of = planned(1, "gpipe", 1, 64)
+  problem = search.to_problem(tables)
+  rng = np.random.default_rng(0)
+  reshards = 0
+  for _ in range(20):
+    choice = {l.name: int(rng.integers(len(l.candidates))) for l in tables.layers}
+    want = solver.evaluate(problem, choice, stage_of).objective
+    reshards += want > sum(tables.solver_time_s(n)[k] for n, k in choice.items())
+    assert cost.runtime_step_time_s(tables, choice, stage_of, executor="gpipe") == (
+        pytest.approx(want, rel=1e-12))
+  assert reshards  # some of the choices reshard between layers
+
+
 def test_runtime_step_time_against_the_papers_objective():
   """Without a pipeline the runtime's time is the solver's objective; pipelined, the
   lockstep runtime pays recomputation and idle positions on top of the paper's GPipe

@@ -579,8 +579,9 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
   num_stages, m = tables.num_stages, tables.num_microbatches
   split = runtime_run_split(executor, num_stages, m)
   backward_runs, permutes = split[3], split[4]
-  if num_stages == 1 and m == 1:
-    return float(sum(tables.solver_time_s(l.name)[choice[l.name]] for l in tables.layers))
+  if num_stages == 1 and m == 1:  # the plain jitted step: the solver's objective
+    return float(sum(tables.solver_time_s(l.name)[choice[l.name]] for l in tables.layers)
+                 + sum(e.same_stage_s[choice[e.src]][choice[e.dst]] for e in tables.edges))
   manual = set(manual_axes(tables, choice))
   program = _program(tables, choice, stage_of)
   forward = backward = once = 0.0  # forward: over all runs; backward: per backward run
