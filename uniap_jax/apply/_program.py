@@ -356,6 +356,18 @@ class Call:
     return (self.arg_treedef, tuple(entry(e) for e in self.arg_leaves))
 
 
+def layer_names(calls: Sequence[Call]) -> list[str]:
+  """Per call, the plan's name of its layer: the module path for its first call,
+  "path@k" for the k-th call after it (the tracer's names for a module called again)."""
+  seen: dict[str, int] = {}
+  out = []
+  for call in calls:
+    k = seen.get(call.name, 0)
+    seen[call.name] = k + 1
+    out.append(call.name if k == 0 else f"{call.name}@{k}")
+  return out
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Program:
   """The forward as calls; `ret_leaves` are the returned leaves (ValueRef, or an aval for
@@ -366,15 +378,8 @@ class Program:
   ret_leaves: tuple[Any, ...]
 
   def layer_names(self) -> list[str]:
-    """Per call, the plan's name of its layer: the module path for its first call,
-    "path@k" for the k-th call after it (the tracer's names for a module called again)."""
-    seen: dict[str, int] = {}
-    out = []
-    for call in self.calls:
-      k = seen.get(call.name, 0)
-      seen[call.name] = k + 1
-      out.append(call.name if k == 0 else f"{call.name}@{k}")
-    return out
+    """Per call, the plan's name of its layer (`layer_names`)."""
+    return layer_names(self.calls)
 
   def consumers(self) -> dict[ValueRef, list[int]]:
     """ValueRef -> indices of the calls that read it; len(calls) stands for the return."""

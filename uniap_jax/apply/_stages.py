@@ -152,6 +152,10 @@ class UniformStage:
     self.rebuild, self.hooks, self.manual = rebuild, hooks, tuple(manual)
     program, num_stages = layout.program, layout.num_stages
     self.names = program.layer_names()
+    # Per buffer slot, the layers whose outputs travel in it over all stage boundaries.
+    self.slot_names = [sorted({self.names[r.call] for b in layout.boundaries
+                               for r, jj in b if jj == j})
+                       for j in range(len(layout.slot_avals))]
     per_stage = [[c.index for c in program.calls if layout.stage_of_call[c.index] == s]
                  for s in range(num_stages)]
     placed = supersequence.align([[layout.kind_of_call[c] for c in calls]
@@ -172,10 +176,6 @@ class UniformStage:
   def num_positions(self) -> int:
     return len(self.positions)
 
-  def _slot_names(self, j: int) -> list[str]:
-    """The layers whose outputs travel in buffer slot `j`, over all stage boundaries."""
-    return sorted({self.names[r.call] for b in self.layout.boundaries for r, jj in b if jj == j})
-
   def _source(self, ref: _program.ValueRef, stage: int):
     """Where `ref` is on `stage`: ("pos", position, leaf) or ("recv", slot)."""
     if self.layout.stage_of_call[ref.call] == stage:
@@ -194,8 +194,8 @@ class UniformStage:
     # Received buffers keep the layout they were sent in (their producers' outputs), so
     # that the consumer's resharding happens after the receive and the cotangent goes
     # back in that layout too, as the cost model sends both.
-    recv = [self.hooks.output(self._slot_names(j), x) if self._slot_names(j) else x
-            for j, x in enumerate(recv)]
+    recv = [self.hooks.output(names, x) if names else x
+            for names, x in zip(self.slot_names, recv)]
 
     def value(src):
       if src[0] == "pos":
@@ -258,8 +258,8 @@ class UniformStage:
         cands.append(None if src is None else value(src))
       # The buffer keeps the layout its values have where they are made, the one the
       # cost model sends (XLA would otherwise pick one, e.g. split over an automatic axis).
-      names = self._slot_names(j)
-      send.append(self.hooks.output(names, pick(cands, aval)) if names else pick(cands, aval))
+      names, x = self.slot_names[j], pick(cands, aval)
+      send.append(self.hooks.output(names, x) if names else x)
     last = num_stages - 1
     final = []
     for leaf, real, aval in zip(program.ret_leaves, ret_leaves, layout.final_avals):

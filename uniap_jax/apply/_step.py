@@ -506,10 +506,8 @@ def assign_stages(calls: Sequence[_program.Call], stages: Sequence[Sequence[str]
   """
   entries = [(name, s) for s, names in enumerate(stages) for name in names]
   used = [False] * len(entries)
-  layer_names = _program.Program(calls=tuple(calls), ret_treedef=None,
-                                 ret_leaves=()).layer_names()
   out, prev = [], 0
-  for call, layer_name in zip(calls, layer_names):
+  for call, layer_name in zip(calls, _program.layer_names(calls)):
     hit = next((i for i, (n, _) in enumerate(entries) if not used[i] and n == layer_name),
                None)
     if hit is None:
@@ -544,8 +542,7 @@ def recomputed_calls(calls: Sequence[_program.Call], recomputed: Sequence[str] |
   The k-th call of a module path is the graph's layer of that path (k = 0) or
   "path@k" (the tracer's name for a module called again).
   """
-  return [name in recomputed for name in _program.Program(
-      calls=tuple(calls), ret_treedef=None, ret_leaves=()).layer_names()]
+  return [name in recomputed for name in _program.layer_names(calls)]
 
 
 def _run_pipelined(applied: AppliedStep, model, forward, root_arg, args, kwargs):
