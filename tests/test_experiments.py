@@ -3,6 +3,7 @@
 import csv
 import math
 import os
+import json
 import subprocess
 import sys
 
@@ -321,3 +322,19 @@ def test_plan_launcher_says_why_no_plan_fits_without_a_traceback():
   assert "gpt2 (tiny) on cpu-8: No plan fits" in done.stderr, done.stderr[-3000:]
   limit_kib = 0.0001 * 2**30 / 1024  # --memory_limit_gib, as the message prints it
   assert f"per device; the limit is {limit_kib:.2f} KiB" in done.stderr
+
+
+def test_measure_runs_the_plan_and_sets_it_beside_the_predictions(tmp_path):
+  out_json = tmp_path / "measure.json"
+  out = _run("experiments.measure", "--model=gpt2", "--size=tiny", "--cluster=cpu-8",
+             "--batch=8", "--steps=2", "--time_limit_s=60", f"--out={out_json}")
+  figures = json.loads(out_json.read_text())
+  assert figures["cluster"] == "cpu-8" and figures["executor"] == "gpipe"
+  assert len(figures["times_s"]) == 2 and all(t > 0 for t in figures["times_s"])
+  assert figures["streamed_s"] > 0
+  # The plan on 8 CPU devices: its compiled memory is what XLA reports for the applied
+  # step, and the predictions are the plan's own.
+  assert figures["compiled_memory_bytes"] > 0
+  assert figures["predicted_memory_bytes"] and figures["predicted_step_time_s"] > 0
+  assert figures["plain_jit_s"] is None  # no one-device yardstick for 8 devices
+  assert "step time, each waited for" in out and "compiled (memory_analysis)" in out
