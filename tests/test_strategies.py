@@ -19,6 +19,7 @@ from uniap_jax import hlo
 from uniap_jax import strategies
 from uniap_jax.cluster import Cluster
 from uniap_jax.strategies import _candidates
+from uniap_jax.strategies import _evaluate
 from uniap_jax.strategies import _ir
 from uniap_jax.strategies import _liveness
 
@@ -762,16 +763,16 @@ def test_a_tied_table_is_kept_whole_by_every_layer_that_reads_it():
   assert head.tied_ids == head.passed_ids == frozenset({table})
   mesh = _cpu_mesh({"dp": 4, "tp": 2})
   for ir in (embed, head):
-    cands = _candidates.layer_candidates(ir, mesh, recompute=False)
+    cands = _evaluate.layer_candidates(ir, mesh, recompute=False)
     assert cands
     for c in cands:
-      assert _candidates.value_layouts(ir, mesh, c)[table] == ((), ()), (ir.layer.name, c.name)
+      assert _evaluate.value_layouts(ir, mesh, c)[table] == ((), ()), (ir.layer.name, c.name)
   # Untied, the embedding may split its table (over hidden, over rows).
   llama = _zoo_irs("llama_7b")["embed"]
   assert not llama.tied_ids
-  names = {c.name for c in _candidates.layer_candidates(llama, mesh, recompute=False)}
+  names = {c.name for c in _evaluate.layer_candidates(llama, mesh, recompute=False)}
   assert "dp=hidden" in names
-  head_cands = _candidates.layer_candidates(head, mesh, recompute=False)
+  head_cands = _evaluate.layer_candidates(head, mesh, recompute=False)
   assert {c.tied_bytes for c in head_cands} == {(float(head.values[table].nbytes),)}
 
 
@@ -789,12 +790,12 @@ def test_an_output_split_taken_from_a_parameter_is_flagged():
   not from its inputs: flagged (`splits_new_dims`), so pipelined tables leave it out;
   the batch split and a block's hidden split of its own input are not."""
   mesh = _cpu_mesh({"dp": 8})
-  embed = {c.name: c for c in _candidates.layer_candidates(
+  embed = {c.name: c for c in _evaluate.layer_candidates(
       _zoo_irs("llama_7b")["embed"], mesh, recompute=False)}
   assert embed["dp=hidden"].splits_new_dims
   assert not embed["dp=batch"].splits_new_dims
   assert not embed["replicated"].splits_new_dims
-  norm = {c.name: c for c in _candidates.layer_candidates(
+  norm = {c.name: c for c in _evaluate.layer_candidates(
       _zoo_irs("llama_7b")["norm"], mesh, recompute=False)}
   assert norm["dp=hidden"].output_specs == ((None, None, "dp"),)
   assert not norm["dp=hidden"].splits_new_dims
@@ -807,13 +808,13 @@ def test_model_outputs_and_values_made_by_the_loss_are_marked():
   mesh = _cpu_mesh({"dp": 8})
   head = _zoo_irs("gpt2")["lm_head"]
   logits = [v for v in head.values.values() if v.shape[-1:] == (256,) and len(v.shape) == 3]
-  c = {c.name: c for c in _candidates.layer_candidates(head, mesh, recompute=False)}
+  c = {c.name: c for c in _evaluate.layer_candidates(head, mesh, recompute=False)}
   assert c["replicated"].model_outputs == ((float(logits[0].nbytes),) * 2,)
   assert c["dp=batch"].model_outputs == ((float(logits[0].nbytes), logits[0].nbytes / 8),)
   assert c["replicated"].outside_outputs == (True,)  # the loss the step returns
   mlm = _zoo_irs("bert_huge")["mlm_head"]
-  (cand, *_) = _candidates.layer_candidates(mlm, mesh, recompute=False)
+  (cand, *_) = _evaluate.layer_candidates(mlm, mesh, recompute=False)
   assert cand.outside_outputs == (True,) and len(cand.model_outputs) == 1
   block = _zoo_irs("bert_huge")["blocks/0"]
-  (cand, *_) = _candidates.layer_candidates(block, mesh, recompute=False)
+  (cand, *_) = _evaluate.layer_candidates(block, mesh, recompute=False)
   assert cand.outside_outputs == (False,) and cand.model_outputs == ()

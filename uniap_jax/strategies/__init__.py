@@ -2,9 +2,10 @@
 
 For a layer and an intra-stage mesh, `layer_candidates` labels the layer's tensor
 dimensions (`_ir`), enumerates which labels each mesh axis splits (`_candidates`),
-and applies one sharding rule per primitive family (`_rules`) to find, per candidate,
-the collectives one device issues, the FLOPs and bytes it handles per op, and what it
-holds in memory (its peak from the values' live intervals, `_liveness`). Seconds are the cost model's business (`uniap_jax.cost`).
+and evaluates each candidate (`_evaluate`), applying one sharding rule per primitive
+family (`_rules`), to find the collectives one device issues, the FLOPs and bytes it
+handles per op, and what it holds in memory (its peak from the values' live intervals,
+`_liveness`). Seconds are the cost model's business (`uniap_jax.cost`).
 
 Data parallel, FSDP/ZeRO-3, Megatron tensor parallel and sequence parallel come out
 as special cases of one mechanism; see `_candidates` for how.
@@ -14,10 +15,10 @@ from uniap_jax.strategies._candidates import Assignment as Assignment
 from uniap_jax.strategies._candidates import Candidate as Candidate
 from uniap_jax.strategies._candidates import ParamGather as ParamGather
 from uniap_jax.strategies._candidates import assignments as assignments
-from uniap_jax.strategies._candidates import layer_candidates as layer_candidates
+from uniap_jax.strategies._evaluate import layer_candidates as layer_candidates
 from uniap_jax.strategies._candidates import tensor_layout as tensor_layout
-from uniap_jax.strategies._candidates import unsupported as unsupported
-from uniap_jax.strategies._candidates import value_layouts as value_layouts
+from uniap_jax.strategies._evaluate import unsupported as unsupported
+from uniap_jax.strategies._evaluate import value_layouts as value_layouts
 from uniap_jax.strategies._ir import FAMILY_OF_PRIMITIVE as FAMILY_OF_PRIMITIVE
 from uniap_jax.strategies._ir import LayerIR as LayerIR
 from uniap_jax.strategies._ir import batch_dims as batch_dims

@@ -194,7 +194,7 @@ def _matmul(ctx: Context, l_layout: Layout, r_layout: Layout, out: Layout,
   whose gradient sums a batch split over both: two full all-reduces, no
   reduce-scatter). A result dim split over summed axes and kept ones (a weight
   gradient under ZeRO over tensor parallelism) is reduce-scattered within the kept
-  shard: the parameter's spec lists the kept axes first (`_candidates`), as XLA
+  shard: the parameter's spec lists the kept axes first (`_evaluate`), as XLA
   needs for that; listed the other way round, XLA reduce-scatters over another group
   and permutes the shards.
   (When the result's layout is pinned, as a plan pins it, XLA's partitioner does
