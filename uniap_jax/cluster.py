@@ -895,3 +895,41 @@ def _tpu_from_devices(spec: _DeviceSpec, devices: list[Any],
   n = len(devices)
   return _build(spec, f"{spec.key}-{n * spec.cores_per_device}",
                 n // devices_per_node, devices_per_node, levels, "")
+
+
+# Platforms (as `jax.Device.platform` and `Cluster.platform` name them) whose
+# collectives inside a conditional only wait for the devices of their own group.
+_GROUP_LOCAL_PLATFORMS = ("gpu", "cuda", "rocm", "tpu")
+
+
+def skips_idle_work(platform: str, automatic_axis_sizes: Sequence[int]) -> bool:
+  """Whether the pipeline's table executors may run a tick's stage work under `lax.cond`.
+
+  In tick t a device of stage s runs a forward (backward) only when the table has a
+  micro-batch at [t, s]; skipping the idle ones puts the stage body, with every
+  collective XLA inserts for the automatic (non-manual) mesh axes, inside a
+  conditional whose predicate differs between stages. The ppermutes between stages
+  stay outside it, on every device in every tick.
+
+  Safe when no collective can sit inside the branch: every automatic axis (all axes
+  but "pp" and the manual data axes) has size 1, so the body issues none. On GPU and
+  TPU it is safe for any mesh: a collective over automatic axes groups devices that
+  differ only in those axes, hence share their "pp" coordinate, hence their stage and
+  the predicate: every member of a group takes the same branch, and a collective
+  waits only for its group. (A collective inside a branch that only some members of
+  its group take would deadlock there too; none exists, since "pp" is manual and the
+  manual data axes issue no collective inside the body.) The CPU backend is not
+  safe with collectives inside: its collectives inside a conditional whose predicate
+  differs between devices can hang (measured with a tensor-parallel axis), so on CPU
+  only meshes without automatic axes of size > 1 skip. Unknown platforms are treated
+  like CPU. `uniap_jax.apply` decides by the devices it runs on, `uniap_jax.cost` by
+  `Cluster.platform`.
+
+  Args:
+    platform: "cpu", "gpu" ("cuda", "rocm") or "tpu".
+    automatic_axis_sizes: sizes of the mesh axes the pipeline's shard_map leaves
+      automatic.
+  """
+  if platform.lower() in _GROUP_LOCAL_PLATFORMS:
+    return True
+  return all(int(n) == 1 for n in automatic_axis_sizes)

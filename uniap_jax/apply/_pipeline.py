@@ -32,6 +32,15 @@ Executors:
     entries) in the backward rule: one extra forward per micro-batch, for a stash of
     2S-3 (fused) or S (1f1b) stage inputs instead of M.
 
+Idle ticks ("uniform" dispatch, more than one stage; `skip_idle`): where
+`cluster.skips_idle_work` allows it, the custom_vjp executors run a tick's forward
+and backward stage work under `lax.cond` on whether this device has a micro-batch
+for it, with an idle branch that returns zeros, so that a device runs M forwards per
+pass and M table forwards and backward runs, not one per tick. The ppermutes stay
+outside the conditional, on every device in every tick. Lockstep still holds: a tick
+lasts as long as its busiest device. Autodiff "gpipe" always runs every tick (a
+linearised `cond` would keep the residuals of both branches).
+
 In every executor, the calls of a recomputing kind run under `jax.checkpoint`
 (`_program.invoke`): each backward run (a backward tick of the autodiff loop, or the
 `jax.vjp` of a table's backward entry) runs their forward once more.
@@ -219,6 +228,10 @@ class Pipeline:
     dp_auto: the product of the batch's automatic data-parallel axes.
     executor: one of EXECUTORS.
     bubble_value: what idle buffers hold before anything arrives (NaN in tests).
+    skip_idle: the table executors run a tick's stage work under `lax.cond` on whether
+      this device has a micro-batch in it, so that idle devices compute nothing; only
+      where `cluster.skips_idle_work` says it is safe ("uniform" dispatch only: the
+      "switch" dispatch has an idle branch of its own).
   """
 
   layout: Layout
@@ -230,6 +243,7 @@ class Pipeline:
   dp_auto: int
   executor: str
   bubble_value: float = 0.0
+  skip_idle: bool = False
 
   @property
   def num_stages(self) -> int:
@@ -291,26 +305,52 @@ class Pipeline:
               [self._full(a.shape, a.dtype, 0) for a in self.layout.slot_avals])
     return [make(i) for i in range(self.num_stages)] + [idle]
 
-  def _forward_stage(self, rows, recv, args, stage, active, *, remat: bool):
-    """The stage's (send, final) for one micro-batch; zeros when not `active`."""
-    if self.uniform is not None:
-      fn = lambda r, x, a: _vary(self.uniform(r, x, a, stage, active), self.manual)
-      return (jax.checkpoint(fn) if remat else fn)(rows, recv, args)
-    return lax.switch(jnp.where(active, stage, self.num_stages), self._branches(remat), rows,
-                      recv, args)
+  def _forward_stage(self, rows, recv, args, stage, active, *, remat: bool,
+                     skip: bool = False, want_final: bool = True):
+    """The stage's (send, final) for one micro-batch; zeros when not `active`.
 
-  def _backward_stage(self, rows, inp, args, cot, g, stage, active):
-    """Gradients of the stage's rows and input for one micro-batch (recomputing it)."""
+    skip: run the uniform body under `lax.cond(active, ...)`, so that an idle device
+    computes nothing (see `cluster.skips_idle_work`). want_final: False returns `final` as []
+    (a table's forward inside the backward rule only feeds the sends: the branch then
+    holds no dead outputs for XLA to keep).
+    """
+    if self.uniform is None:
+      send, fin = lax.switch(jnp.where(active, stage, self.num_stages), self._branches(remat),
+                             rows, recv, args)
+      return send, fin if want_final else []
+
+    def busy(r, x, a, on):
+      send, fin = _vary(self.uniform(r, x, a, stage, on), self.manual)
+      return send, fin if want_final else []
+    if not skip:
+      fn = lambda r, x, a: busy(r, x, a, active)
+      return (jax.checkpoint(fn) if remat else fn)(rows, recv, args)
+
+    def idle(r, x, a):
+      return ([self._full(v.shape, v.dtype, 0) for v in self.layout.slot_avals],
+              [self._full(v.shape, v.dtype, 0) for v in self.layout.final_avals]
+              if want_final else [])
+    return lax.cond(active, lambda r, x, a: busy(r, x, a, True), idle, rows, recv, args)
+
+  def _backward_stage(self, rows, inp, args, cot, g, stage, active, *, skip: bool = False):
+    """Gradients of the stage's rows and input for one micro-batch (recomputing it);
+    under `lax.cond(active, ...)` with `skip`, as `_forward_stage`."""
     if self.uniform is None:
       return lax.switch(jnp.where(active, stage, self.num_stages), self._backward_branches(),
                         rows, inp, args, cot, g)
     last = stage == self.num_stages - 1
-    (send, fin), vjp = jax.vjp(
-        lambda r, x: _vary(self.uniform(r, x, args, stage, active), self.manual), rows, inp)
-    ct_send = [jnp.where(last, jnp.zeros_like(c), c) for c in cot]
-    ct_fin = [jnp.where(last, x, jnp.zeros_like(x)) for x in g]
-    d_rows, d_inp = vjp((_vary(ct_send, self.manual), _vary(ct_fin, self.manual)))
-    return _vary(d_rows, self.manual), _vary(d_inp, self.manual)
+
+    def busy(rows, inp, args, cot, g, on):
+      (send, fin), vjp = jax.vjp(
+          lambda r, x: _vary(self.uniform(r, x, args, stage, on), self.manual), rows, inp)
+      ct_send = [jnp.where(last, jnp.zeros_like(c), c) for c in cot]
+      ct_fin = [jnp.where(last, x, jnp.zeros_like(x)) for x in g]
+      d_rows, d_inp = vjp((_vary(ct_send, self.manual), _vary(ct_fin, self.manual)))
+      return _vary(d_rows, self.manual), _vary(d_inp, self.manual)
+    if not skip:
+      return busy(rows, inp, args, cot, g, active)
+    idle = self._backward_branches()[-1]
+    return lax.cond(active, lambda *xs: busy(*xs, True), idle, rows, inp, args, cot, g)
 
   def _ppermute(self, xs, shift: int):
     n = self.num_stages
@@ -383,6 +423,7 @@ class Pipeline:
     want_outs = table.has_forward and not table.has_backward
     want_stash = want_outs and table.stash_slots == m_count and s_count > 1
     k_slots, kc_slots = table.stash_slots, table.cotangent_slots
+    skip_f = skip_b = self.skip_idle
 
     def body(stacks, args, g_outs, stash_in):
       rows = self._rows(stacks)
@@ -412,7 +453,7 @@ class Pipeline:
           fm = jnp.maximum(f, 0)
           inp = [b[fm % k_slots] for b in stash]
           send_f, fin = self._forward_stage(rows, inp, [x[fm] for x in xs], s, f >= 0,
-                                            remat=False)
+                                            remat=False, skip=skip_f, want_final=want_outs)
           if want_outs:
             write = (f >= 0) & (s == s_count - 1)
             outs = [lax.dynamic_update_index_in_dim(o, jnp.where(write, v, o[fm]), fm, 0)
@@ -422,7 +463,7 @@ class Pipeline:
           bm = jnp.maximum(b, 0)
           d_rows, send_b = self._backward_stage(
               rows, [x[bm % k_slots] for x in stash], [x[bm] for x in xs],
-              [x[bm % kc_slots] for x in cstash], [g[bm] for g in gs], s, b >= 0)
+              [x[bm % kc_slots] for x in cstash], [g[bm] for g in gs], s, b >= 0, skip=skip_b)
           grads = jax.tree.map(jnp.add, grads, d_rows)
         if s_count > 1 and table.has_forward:
           arrived = self._ppermute(send_f, 1)

@@ -4,7 +4,8 @@ One SPMD program runs every table (reference/pipelines.md, section 3): in tick t
 stage s runs the forward of micro-batch `forward[t, s]` (-1: idle), then the backward
 (a `jax.vjp` that recomputes the stage from its stashed input) of `backward[t, s]`,
 then activations move one stage down and cotangents one stage up. Lockstep: a tick
-lasts as long as the slowest stage's work in it.
+lasts as long as the slowest stage's work in it (an idle entry runs masked work, or
+none where `cluster.skips_idle_work` lets the executors skip it).
 
 | table | ticks | stage inputs stashed per stage |
 |---|---|---|
@@ -21,7 +22,6 @@ import numpy as np
 
 IDLE = -1
 TABLES = ("gpipe", "fused", "1f1b")
-
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Table:

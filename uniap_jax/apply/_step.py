@@ -38,6 +38,7 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from uniap_jax import cluster as cluster_lib
 from uniap_jax import hlo
 from uniap_jax import plans
 from uniap_jax.apply import _mesh
@@ -620,10 +621,16 @@ def _run_pipelined(applied: AppliedStep, model, forward, root_arg, args, kwargs)
   else:
     uniform = None
     stage_fns = _stages.switch_stage_fns(layout, model, forward, rebuild, hooks)
+  # Idle ticks skip their stage work where collectives allow it (the cost model
+  # decides alike from the plan's cluster).
+  skip_idle = num_stages > 1 and cluster_lib.skips_idle_work(
+      mesh.devices.flat[0].platform,
+      [n for a, n in mesh.shape.items() if a not in manual])
   pipeline = _pipeline.Pipeline(layout=layout, stage_fns=stage_fns, uniform=uniform,
                                 mesh=mesh if manual else None,
                                 num_microbatches=m_count, dp_manual=dp_manual, dp_auto=dp_auto,
-                                executor=applied.executor, bubble_value=applied.bubble_value)
+                                executor=applied.executor, bubble_value=applied.bubble_value,
+                                skip_idle=skip_idle)
   stacks = _pipeline.stack_params(layout, raw, mesh)
   outs = pipeline.run(stacks, arrays)
   return jax.tree.unflatten(program.ret_treedef, outs)

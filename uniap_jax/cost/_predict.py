@@ -10,15 +10,24 @@ Two counts:
     send per micro-batch and stage boundary in each direction.
   - executor="gpipe" | "gpipe-remat" | "fused" | "1f1b": what `uniap_jax.apply` runs
     for a pipelined plan (pp > 1 or more than one micro-batch), tick by tick:
-      * lockstep SPMD with "uniform" stage bodies: every device runs the layer
-        positions of every stage (a common supersequence of the stages' layers) in
-        every tick, masked where the stage holds no such layer;
+      * lockstep SPMD with "uniform" stage bodies: every busy device runs the layer
+        positions of every stage (a common supersequence of the stages' layers),
+        masked where the stage holds no such layer;
       * a forward run per forward tick; a backward run per backward tick, which
         recomputes the stage from its stashed input first, except with "gpipe"
         (autodiff through the loop keeps every tick's residuals, the activations the
         tables charge for GPipe); "fused" and "1f1b" run a forward pass and then their
         whole table, a forward and a backward run per tick, in the backward rule
         (`runtime_runs`);
+      * idle entries: with more than one stage, the explicit executors skip a tick's
+        work on a device that has no micro-batch in it (`lax.cond`) where
+        `cluster.skips_idle_work` allows it (GPU, TPU; CPU without automatic axes of size
+        > 1), so each device runs M entries of each kind per loop; otherwise every
+        device runs every tick's entries. Collectives inside a skipped branch run on
+        active ticks only, and parameter gathers there are not hoisted out of the
+        loops (not checked on compiled HLO: CPU skips only without them; `hlo`
+        counts a conditional's branches as if each ran). The time is lockstep: a
+        tick costs its busiest device's work (`runtime_ticks`);
       * what XLA keeps of those runs (each checked on compiled HLO): the forward runs
         of a table, inside the backward rule, feed only the activations sent on, so
         the positions that lead to no send (on any stage) are dead code there, and
@@ -35,13 +44,15 @@ Two counts:
         positions of recomputing and plain layers are separate kinds, with separate
         stacks;
       * parameter all-gathers over automatic axes (FSDP / ZeRO-3) are loop-invariant:
-        XLA hoists them out of the tick loops, so each runs once per step for every
-        loop that reads it (the forward pass, a table's forward, the recomputation);
+        XLA hoists them out of the tick loops (when no conditional holds them), so
+        each runs once per step for every loop that reads it (the forward pass, a
+        table's forward, the recomputation);
         autodiff GPipe's backward loop, though, gathers again in every backward run
         the parameters whose gathered copy the backward reads (the matmul kernels,
         not the biases nor an embedding table: `Candidate.param_gathers`);
       * activations and cotangents move by one collective-permute per buffer slot and
-        tick and direction, whether or not the tick carries data;
+        tick and direction, whether or not the tick carries data (outside any
+        conditional);
       * the shard_map is manual over "pp" and the batch axes no parameter is sharded
         over (`manual_axes`): the body runs on this device's share of the batch, so
         layers issue no collectives and edges no resharding over those axes, and every
@@ -82,6 +93,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from uniap_jax import cluster as cluster_lib
 from uniap_jax import strategies
 from uniap_jax import supersequence
 from uniap_jax.cost import _formulas
@@ -107,12 +119,30 @@ def _reshard_into(out: Summary, src: strategies.Layout, dst: strategies.Layout, 
     _add(out, kind, tuple(mesh.names[a] for a in axes), b, count)
 
 
-def runtime_runs(executor: str, num_stages: int, num_microbatches: int) -> tuple[int, int, int]:
+def runtime_skips_idle(tables: _tables.CostTables, choice: Mapping[str, int],
+                       executor: str) -> bool:
+  """Whether the runtime that runs `executor` for this plan skips idle ticks' work:
+  an explicit table executor over more than one stage (with one, the tables have
+  no idle entries worth a conditional, which would keep XLA from hoisting parameter
+  gathers out of the loops), and `cluster.skips_idle_work` for the tables' cluster and the
+  axes `manual_axes` leaves automatic."""
+  if executor == "gpipe" or tables.num_stages == 1:
+    return False
+  manual = set(manual_axes(tables, choice))
+  return cluster_lib.skips_idle_work(tables.cluster.platform,
+                         [n for a, n in zip(tables.mesh.names, tables.mesh.sizes)
+                          if a not in manual])
+
+
+def runtime_runs(executor: str, num_stages: int, num_microbatches: int, *,
+                 skip_idle: bool = False) -> tuple[int, int, int]:
   """(forward runs, backward runs, permutes per buffer slot) one device executes per step.
 
   A forward run is one execution of the stage body (a tick's forward, or the
-  recomputation inside a backward run); every tick runs it on every device, busy or
-  idle (lockstep). Permutes count both directions. Mirrors `uniap_jax.apply`'s
+  recomputation inside a backward run). Without `skip_idle` every tick runs it on
+  every device, busy or idle (lockstep); with it (`cluster.skips_idle_work`; never under
+  "gpipe"), a device runs only its table entries: M of each kind per loop. Permutes
+  (both directions) run in every tick either way. Mirrors `uniap_jax.apply`'s
   executors and `apply._schedules` tables:
 
   | executor | forward runs | backward runs | permutes |
@@ -121,6 +151,8 @@ def runtime_runs(executor: str, num_stages: int, num_microbatches: int) -> tuple
   | gpipe-remat | 2 (M + S - 1) | M + S - 1 | 2 (M + S - 1) |
   | fused (T = M + 2S - 2) | M + S - 1 + 2T | T | M + S - 1 + 2T |
   | 1f1b (T = 2 (M + S - 1)) | M + S - 1 + 2T | T | M + S - 1 + 2T |
+  | gpipe-remat, skip_idle | 2M | M | 2 (M + S - 1) |
+  | fused, 1f1b, skip_idle | 3M | M | M + S - 1 + 2T |
 
   With one stage and one micro-batch nothing is pipelined: (1, 1, 0). Layers that
   recompute their activations run their own forward once more inside every backward
@@ -132,18 +164,21 @@ def runtime_runs(executor: str, num_stages: int, num_microbatches: int) -> tuple
   if s == 1 and m == 1:
     return 1, 1, 0
   fill = m + s - 1
+  skip = skip_idle and executor != "gpipe"
   if executor == "gpipe":  # autodiff keeps every tick's residuals: no recomputation
     forward, backward, permutes = fill, fill, 2 * fill
   elif executor == "gpipe-remat":
-    forward, backward, permutes = 2 * fill, fill, 2 * fill
+    forward, backward, permutes = (2 * m, m, 2 * fill) if skip else (2 * fill, fill, 2 * fill)
   else:
     ticks = m + 2 * s - 2 if executor == "fused" else 2 * fill
     forward, backward, permutes = fill + 2 * ticks, ticks, fill + 2 * ticks
+    if skip:
+      forward, backward = 3 * m, m
   return forward, backward, permutes if s > 1 else 0
 
 
-def runtime_run_split(executor: str, num_stages: int, num_microbatches: int
-                      ) -> tuple[int, int, int, int, int]:
+def runtime_run_split(executor: str, num_stages: int, num_microbatches: int, *,
+                      skip_idle: bool = False) -> tuple[int, int, int, int, int]:
   """`runtime_runs`'s forward runs by what their results feed: (passes, table forwards,
   recomputations, backward runs, permutes).
 
@@ -152,20 +187,61 @@ def runtime_run_split(executor: str, num_stages: int, num_microbatches: int
   and "1f1b", only feeds the activations sent on, so XLA drops the layer positions that
   lead to no send; a recomputation is the forward half of a backward run's `jax.vjp`,
   whose primal outputs are discarded. passes + table forwards + recomputations is
-  `runtime_runs`'s forward runs. A lower bound on what a layer position costs per step
-  may charge its forward compute (passes + recomputations) times only.
+  `runtime_runs`'s forward runs. These are executions on one device (what its
+  collectives count); the lockstep time charges ticks (`runtime_ticks`).
   """
-  forward, backward, permutes = runtime_runs(executor, num_stages, num_microbatches)
+  forward, backward, permutes = runtime_runs(executor, num_stages, num_microbatches,
+                                             skip_idle=skip_idle)
   s, m = num_stages, num_microbatches
   if s == 1 and m == 1:
     return 1, 0, 0, 1, 0
   fill = m + s - 1
   if executor == "gpipe":
     return fill, 0, 0, backward, permutes
+  passes = m if skip_idle else fill
   if executor == "gpipe-remat":
-    return fill, 0, forward - fill, backward, permutes
-  ticks = (forward - fill) // 2
-  return fill, ticks, ticks, backward, permutes
+    return passes, 0, forward - passes, backward, permutes
+  ticks = (forward - passes) // 2
+  return passes, ticks, ticks, backward, permutes
+
+
+def runtime_ticks(executor: str, num_stages: int, num_microbatches: int, *,
+                  skip_idle: bool = False) -> tuple[int, int, int, int, int]:
+  """The lockstep ticks of one step by what the busiest device runs in them:
+  (pass ticks, ticks with a forward and a backward on one device, ticks with a
+  forward on one device and a backward on another but both on none, table ticks
+  with forwards only, ticks with backward runs only).
+
+  A tick lasts as long as its busiest device's work (the ppermutes that close it
+  wait for every device): a pass forward, a table forward, a backward run (with its
+  recomputation), or both. Without `skip_idle` every device runs every entry, so a
+  table's every tick holds both. With it (`cluster.skips_idle_work`), idle entries cost
+  nothing, and a tick costs what its busiest device runs; every tick of a forward
+  pass and of GPipe's backward loop still has a busy device. Closed forms of
+  `apply._schedules`'s tables (tests/test_apply_idle.py checks them):
+
+  | executor | pass | both | mixed | forward | backward |
+  |---|---|---|---|---|---|
+  | gpipe, gpipe-remat | M + S - 1 | 0 | 0 | 0 | M + S - 1 |
+  | fused | M + S - 1 | M + 2S - 2 | 0 | 0 | 0 |
+  | 1f1b | M + S - 1 | 2 (M + S - 1) | 0 | 0 | 0 |
+  | fused, skip_idle | M + S - 1 | M | 0 | S - 1 | S - 1 |
+  | 1f1b, skip_idle, S, M > 1 | M + S - 1 | 0 | 2M - 3 | S | S + 1 |
+  | 1f1b, skip_idle, S = 1 or M = 1 | M + S - 1 | 0 | 0 | max(S, M) | max(S, M) |
+  """
+  if executor not in EXECUTORS:
+    raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}.")
+  s, m = num_stages, num_microbatches
+  fill = m + s - 1
+  if executor in ("gpipe", "gpipe-remat"):
+    return fill, 0, 0, 0, fill
+  if not skip_idle:
+    return fill, (m + 2 * s - 2 if executor == "fused" else 2 * fill), 0, 0, 0
+  if executor == "fused":
+    return fill, m, 0, s - 1, s - 1
+  if s == 1 or m == 1:
+    return fill, 0, 0, max(s, m), max(s, m)
+  return fill, 0, 2 * m - 3, s, s + 1
 
 
 def _batch_axes(tables: _tables.CostTables, choice: Mapping[str, int]) -> tuple[str, ...]:
@@ -235,10 +311,11 @@ def _paper_by_stage(tables, choice, stage_of) -> tuple[Summary, ...]:
   return tuple(out)
 
 
-def _runtime(tables, choice, stage_of, executor: str) -> Summary:
-  """What one device of the pipelined runtime issues in one step (the same on every device)."""
+def _runtime(tables, choice, stage_of, executor: str, skip: bool) -> Summary:
+  """What one device of the pipelined runtime issues in one step (the same on every
+  device: with `skip`, every stage has M entries of each kind per loop)."""
   num_stages, m = tables.num_stages, tables.num_microbatches
-  split = runtime_run_split(executor, num_stages, m)
+  split = runtime_run_split(executor, num_stages, m, skip_idle=skip)
   backward_runs, permutes = split[3], split[4]
   manual = set(manual_axes(tables, choice))
   out: Summary = {}
@@ -249,10 +326,11 @@ def _runtime(tables, choice, stage_of, executor: str) -> Summary:
     for comm, gathers in _position_comms(cand):
       if set(comm.axes) & manual:
         continue  # manual: the body runs on this device's batch share (see the psum below)
-      runs = _comm_runs(comm, manual, _forward_runs(comm, gathers, p, program, split),
+      runs = _comm_runs(comm, manual,
+                        _forward_runs(comm, gathers and not skip, p, program, split),
                         backward_runs)
       _add(out, comm.kind, comm.axes, comm.bytes, comm.count * runs)
-    for comm, runs in (*_terminal_reruns(p, program, split, choice),
+    for comm, runs in (*_terminal_reruns(p, program, split, choice, hoist=not skip),
                        *_regathers(p, program, split, choice)):
       if not set(comm.axes) & manual:
         _add(out, comm.kind, comm.axes, comm.bytes, comm.count * runs)
@@ -402,19 +480,28 @@ def _regathers(position: int, program: "_Program", split: tuple[int, ...],
 
 
 def _terminal_reruns(position: int, program: "_Program", split: tuple[int, ...],
-                     choice: Mapping[str, int]) -> tuple[tuple[strategies.Comm, int], ...]:
+                     choice: Mapping[str, int], hoist: bool = True
+                     ) -> tuple[tuple[strategies.Comm, int], ...]:
   """The forward collectives a recomputation of the stage issues for a position whose
   output no layer reads: what its backward reads (`Candidate.rerun_comms`); XLA drops
   the rest of that forward (a row-parallel matmul closing the output, its all-reduce).
-  Parameter gathers among them are hoisted: once per step. (collective, runs) pairs."""
+  Parameter gathers among them are hoisted (with `hoist`: not when the runs sit inside
+  the conditional of skipped idle ticks): once per step. (collective, runs) pairs."""
   recompute = split[2]
-  if not (recompute and program.terminal[position]):
-    return ()
+  return tuple((c, min(recompute, 1) if hoisted and hoist else recompute)
+               for c, hoisted in _terminal_rerun_comms(position, program, split, choice))
+
+
+def _terminal_rerun_comms(position: int, program: "_Program", split: tuple[int, ...],
+                          choice: Mapping[str, int]
+                          ) -> list[tuple[strategies.Comm, bool]]:
+  """`_terminal_reruns`' collectives, each with whether it gathers parameters."""
+  if not (split[2] and program.terminal[position]):
+    return []
   layer = program.positions[position]
   cand = layer.candidates[choice[layer.name]]
   gathers = [c for g in cand.param_gathers if g.recomputed for c in g.comms]
-  return tuple((c, min(recompute, 1) if hoisted else recompute)
-               for c, hoisted in _split_gathers(cand.rerun_comms, gathers))
+  return _split_gathers(cand.rerun_comms, gathers)
 
 
 def _comm_runs(comm: strategies.Comm, manual: set[str], forward_runs: int,
@@ -542,24 +629,30 @@ def _output_permutes(executor: str, split: tuple[int, ...]) -> int:
 
 def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
                         stage_of: Mapping[str, int] | None = None, *,
-                        executor: str) -> float:
+                        executor: str, skip_idle: bool | None = None) -> float:
   """Seconds per step of the lockstep runtime that runs `executor`, priced like the tables.
 
-  Every tick of the uniform runtime runs every layer position on every device, so a
-  forward run costs the sum over positions of their forward compute and collectives
-  (F), a backward run the sum of their backward compute and the collectives XLA issues
-  per run (B; the recomputation of the stage before it is among the forward runs of
-  `runtime_runs`), plus, for every position whose candidate recomputes its
-  activations, the forward compute its backward reads (`Candidate.op_rerun`) and its
-  "recompute" collectives once more
-  (the `jax.checkpoint` apply wraps it in), and each tick moves its buffers (one send
-  per slot and direction; a slot only model outputs ride, `_output_permutes`); the
-  collectives are those
-  `collectives_by_stage(..., executor=)` counts. As there, a table's forward runs skip
-  the positions that lead to no send (compute and collectives), recomputations of the
-  stage run of a position whose output leaves the model only what its backward reads
-  (`op_rerun`, `rerun_comms`), and parameter all-gathers over
-  automatic axes are hoisted: once per step for each loop that reads them.
+  Every busy device of a tick runs every layer position of the uniform body, so a
+  pass forward costs the sum over positions of their forward compute and collectives
+  (P), a table forward that of the positions leading to a send (Ft: XLA drops the
+  others there), a backward run the recomputation of the stage (R: all of a position
+  whose output a later layer reads, of the others only what their backward reads,
+  `op_rerun`, `rerun_comms`) plus the positions' backward compute and the
+  collectives XLA issues per run (B), and for every position whose candidate
+  recomputes its activations, the forward compute its backward reads and its
+  "recompute" collectives once more (the `jax.checkpoint` apply wraps it in). The
+  collectives are those `collectives_by_stage(..., executor=)` counts.
+
+  Lockstep: a tick lasts as long as its busiest device's work, and the ppermutes that
+  close it (one send per buffer slot and direction; a slot only model outputs ride,
+  `_output_permutes`) run on every device. Without skipping every device runs every
+  tick's entries, idle or not; with it (`skip_idle`, default as `uniap_jax.apply`
+  decides: `runtime_skips_idle`) an idle entry costs nothing, and a tick costs P, Ft,
+  R + B, Ft + R + B, or max(Ft, R + B) when one device runs a forward and another a
+  backward (`runtime_ticks`). Parameter all-gathers over automatic axes are
+  loop-invariant, hoisted by XLA (once per step for each loop that reads them),
+  except inside the conditional of skipped ticks, where they run with their entry.
+
   Once per step: gradient synchronisation over manual axes, the optimizer
   (each device updates its 1/pp share of every leaf) and the all-to-alls between the
   stored state and the stacks. With one stage and one micro-batch this is the sum of
@@ -572,19 +665,24 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
   Compare `solver.Solution.objective` (the paper's GPipe time, sum of stage times +
   sends + (c - 1) x the slowest): the runtime's figure is larger by the recomputation,
   by the idle positions every stage runs, and, for "fused" and "1f1b", by the forward
-  pass before the table and a forward and a backward run in every table tick.
+  pass before the table and its forward entries; without skipping, also by a forward
+  and a backward run in every table tick.
   """
   stage_of = stage_of or {l.name: 0 for l in tables.layers}
   mesh, cluster = tables.mesh, tables.cluster
   num_stages, m = tables.num_stages, tables.num_microbatches
-  split = runtime_run_split(executor, num_stages, m)
-  backward_runs, permutes = split[3], split[4]
   if num_stages == 1 and m == 1:  # the plain jitted step: the solver's objective
     return float(sum(tables.solver_time_s(l.name)[choice[l.name]] for l in tables.layers)
                  + sum(e.same_stage_s[choice[e.src]][choice[e.dst]] for e in tables.edges))
+  skip = runtime_skips_idle(tables, choice, executor) if skip_idle is None else (
+      skip_idle and executor != "gpipe")
+  split = runtime_run_split(executor, num_stages, m, skip_idle=skip)
+  permutes = split[4]
   manual = set(manual_axes(tables, choice))
   program = _program(tables, choice, stage_of)
-  forward = backward = once = 0.0  # forward: over all runs; backward: per backward run
+  # Per run: a pass forward, a table forward, a recomputation, a backward run; and
+  # what runs once per loop (hoisted gathers) or once per step.
+  pass_s = table_s = rerun_s = backward_s = hoisted_s = once = 0.0
   for p, layer in enumerate(program.positions):
     cand = layer.candidates[choice[layer.name]]
     per_op = _formulas.roofline_time_s(cand.op_flops, cand.op_bytes, cand.op_dtype, cluster)
@@ -592,15 +690,23 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
     inside = ~np.asarray(cand.op_outside, dtype=bool)  # the loss runs outside (below)
     fwd = float(per_op[(phase == "forward") & inside].sum())
     rerun = float(per_op[np.asarray(cand.op_rerun, dtype=bool) & inside].sum())
-    runs = split[0] + (split[1] if program.live[p] else 0)
-    forward += runs * fwd + split[2] * (rerun if program.terminal[p] else fwd)
-    backward += float(per_op[(phase == "backward") & inside].sum())
+    live, terminal = program.live[p], program.terminal[p]
+    pass_s += fwd
+    table_s += fwd if live else 0.0
+    rerun_s += rerun if terminal else fwd
+    backward_s += float(per_op[(phase == "backward") & inside].sum())
     if cand.recompute:  # what its backward reads of its forward, in every backward run
-      backward += rerun
-    for comm, n in (*_terminal_reruns(p, program, split, choice),
-                    *_regathers(p, program, split, choice)):
+      backward_s += rerun
+    for comm, gathers in _terminal_rerun_comms(p, program, split, choice):
       if not set(comm.axes) & manual:
-        forward += _formulas.comm_time_s(comm, mesh, cluster) * comm.count * n
+        t = _formulas.comm_time_s(comm, mesh, cluster) * comm.count
+        if gathers and not skip:  # hoisted out of the backward loop
+          hoisted_s += t
+        else:
+          rerun_s += t
+    for comm, _ in _regathers(p, program, split, choice):  # per backward run
+      if not set(comm.axes) & manual:
+        backward_s += _formulas.comm_time_s(comm, mesh, cluster) * comm.count
     for comm, gathers in _position_comms(cand):
       if set(comm.axes) & manual or not _comm_runs(comm, manual, 1, 1):
         continue  # over manual axes: the psum of the stacked gradients below
@@ -608,20 +714,33 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
       if comm.per_step and comm.phase == "optimizer":
         once += t
       elif comm.phase == "forward" and not comm.per_step:
-        forward += t * _forward_runs(comm, gathers, p, program, split)
+        if gathers and not skip:  # hoisted: once per loop that reads it
+          hoisted_s += t * _forward_runs(comm, True, p, program, split)
+        else:
+          pass_s += t
+          table_s += t if live else 0.0
+          rerun_s += 0.0 if terminal else t
       else:  # backward, per-step gradient synchronisation, and recomputation
-        backward += t
+        backward_s += t
   for ls, ld, nbytes, dst in program.reshards:
-    runs = split[0] + split[2] + (split[1] if program.live[dst] else 0)
     for a, b, phase in ((ls, ld, "forward"), (ld, ls, "backward")):
       comms, _ = strategies.reshard(a, b, nbytes, mesh.sizes)
       t = sum(_formulas.collective_time_s(kind, x, mesh.level_factors(axes), cluster.levels)
               for kind, axes, x in comms
               if not {mesh.names[i] for i in axes} & manual)
       if phase == "forward":
-        forward += t * runs
+        pass_s += t
+        rerun_s += t
+        table_s += t if program.live[dst] else 0.0
       else:
-        backward += t
+        backward_s += t
+  if not split[2]:
+    rerun_s = 0.0  # autodiff GPipe keeps its residuals: no recomputation
+  passes, both, mixed, forward_only, backward_only = runtime_ticks(
+      executor, num_stages, m, skip_idle=skip)
+  run_s = rerun_s + backward_s
+  loops = (passes * pass_s + both * (table_s + run_s) + mixed * max(table_s, run_s)
+           + forward_only * table_s + backward_only * run_s)
   data = tuple(mesh.index(a) for a in mesh.names if a in manual)
   if data:
     for layer, n in program.stacks:
@@ -651,12 +770,13 @@ def runtime_step_time_s(tables: _tables.CostTables, choice: Mapping[str, int],
     for layer, n in program.stacks:
       nbytes, _ = _stack_bytes(layer, layer.candidates[choice[layer.name]])
       once += 2 * _formulas.send_time_s(n * nbytes, mesh.num_devices, cluster)
-  return forward + backward_runs * backward + permutes * send + output_send + once
+  return loops + hoisted_s + permutes * send + output_send + once
 
 
 def collectives_by_stage(tables: _tables.CostTables, choice: Mapping[str, int],
                          stage_of: Mapping[str, int] | None = None, *,
-                         executor: str | None = None) -> tuple[Summary, ...]:
+                         executor: str | None = None,
+                         skip_idle: bool | None = None) -> tuple[Summary, ...]:
   """Per stage: (kind, mesh axes) -> {"count", "bytes"} one device of the stage issues
   in one step. Sends carry the pipeline axis "pp".
 
@@ -664,6 +784,8 @@ def collectives_by_stage(tables: _tables.CostTables, choice: Mapping[str, int],
     tables / choice / stage_of: as for `predicted_collectives`.
     executor: None for the paper's per-micro-batch count; else the runtime's executor,
       whose lockstep program is the same on every stage (see the module docstring).
+    skip_idle: whether the runtime skips idle ticks' stage work; None decides as
+      `uniap_jax.apply` does (`runtime_skips_idle`).
   """
   stage_of = stage_of or {l.name: 0 for l in tables.layers}
   if executor is None:
@@ -672,13 +794,16 @@ def collectives_by_stage(tables: _tables.CostTables, choice: Mapping[str, int],
     raise ValueError(f"executor={executor!r}; allowed: None, {', '.join(EXECUTORS)}.")
   if tables.num_stages == 1 and tables.num_microbatches == 1:
     return _paper_by_stage(tables, choice, stage_of)
-  summary = _runtime(tables, choice, stage_of, executor)
+  skip = runtime_skips_idle(tables, choice, executor) if skip_idle is None else (
+      skip_idle and executor != "gpipe")
+  summary = _runtime(tables, choice, stage_of, executor, skip)
   return tuple({k: dict(v) for k, v in summary.items()} for _ in range(tables.num_stages))
 
 
 def predicted_collectives(tables: _tables.CostTables, choice: Mapping[str, int],
                           stage_of: Mapping[str, int] | None = None, *,
-                          executor: str | None = None) -> dict[str, float]:
+                          executor: str | None = None,
+                          skip_idle: bool | None = None) -> dict[str, float]:
   """kind -> bytes one device moves in one step (the busiest stage's device per kind).
 
   Args:
@@ -688,11 +813,13 @@ def predicted_collectives(tables: _tables.CostTables, choice: Mapping[str, int],
     executor: None: the paper's count (per micro-batch and stage boundary). The name of
       `uniap_jax.apply`'s executor ("gpipe", "gpipe-remat", "fused", "1f1b"; a plan's
       schedule "gpipe" runs as "gpipe", "1f1b" as "1f1b"): what that runtime compiles.
+    skip_idle: as for `collectives_by_stage`.
   Returns:
     DESIGN.md's `predicted.collectives`: kinds with nonzero bytes only.
   """
   out: dict[str, float] = {}
-  for stage in collectives_by_stage(tables, choice, stage_of, executor=executor):
+  for stage in collectives_by_stage(tables, choice, stage_of, executor=executor,
+                                   skip_idle=skip_idle):
     per_kind: dict[str, float] = {}
     for (kind, _), entry in stage.items():
       per_kind[kind] = per_kind.get(kind, 0.0) + entry["bytes"]

@@ -15,6 +15,7 @@ import numpy as np
 from uniap_jax import cluster as cluster_lib
 from uniap_jax import cost
 from uniap_jax import graph as graph_lib
+from uniap_jax.cost import _predict  # runtime_ticks, until `cost` exports it
 from uniap_jax import solver
 from uniap_jax import strategies
 from uniap_jax.search._configs import Config
@@ -248,12 +249,13 @@ def _check_layers(layers: Sequence[cost.LayerCosts], config: Config, *, limit: f
 # the forward runs that execute it, its backward compute and collectives (and, for a
 # recomputing candidate, its forward once more) times the backward runs, plus
 # resharding, sends and once-per-step terms (among them every layer's optimizer
-# compute divided by S), all non-negative. With (forward_runs, backward_runs, _) =
-# `cost.runtime_runs(schedule, S, M)` and fill = M + S - 1:
+# compute divided by S), all non-negative. With the runs `_split` counts (what the
+# lockstep time charges at least, skipping idle ticks' work or not) and
+# fill = M + S - 1:
 #   - every position runs at least `_runs`' forward count: the fill forward passes,
 #     and for the explicit tables ("fused", "1f1b") the recomputation that starts
-#     each of their backward runs, half of the table ticks' forward runs (the other
-#     half feeds only the sends, which a position off that path skips);
+#     each of their backward runs (the table's forward runs feed only the sends,
+#     which a position off that path skips);
 #   - its forward collectives run at least in the fill passes, except parameter
 #     gathers (loop-invariant: hoisted out of the tick loops), not counted here;
 #   - its backward compute and backward collectives run in every backward run.
@@ -272,12 +274,12 @@ def _check_layers(layers: Sequence[cost.LayerCosts], config: Config, *, limit: f
 
 def _runs(schedule: str, num_stages: int, num_microbatches: int) -> tuple[int, int, int]:
   """(forward runs of every position's compute, forward runs of its collectives,
-  backward runs), at least, per step (see the comment above)."""
-  forward, backward, _ = cost.runtime_runs(schedule, num_stages, num_microbatches)
+  backward runs), at least, per step (see the comment above): the passes and the
+  recomputations of `_split`, the passes, the backward runs."""
+  passes, _, recompute, backward, _ = _split(schedule, num_stages, num_microbatches)
   if num_stages == 1 and num_microbatches == 1:
     return 1, 1, 1
-  fill = num_microbatches + num_stages - 1
-  return fill + max(forward - fill, 0) // 2, fill, backward
+  return passes + recompute, passes, backward
 
 
 def runtime_bound(weights: Sequence[float], optimizer_s: float, *, num_stages: int) -> float:
@@ -584,16 +586,26 @@ def runtime_lower_bound(tables: cost.CostTables) -> float:
 
 def _split(schedule: str, num_stages: int, num_microbatches: int
            ) -> tuple[int, int, int, int, int]:
-  """(passes, table forwards, recomputations, backward runs, permutes) per step, as
-  `cost.runtime_run_split` counts them (derived from `cost.runtime_runs`)."""
-  forward, backward, permutes = cost.runtime_runs(schedule, num_stages, num_microbatches)
+  """(passes, table forwards, recomputations, backward runs, permutes): how many
+  times, at least, the lockstep time charges each kind of run's work per step,
+  whether or not the runtime skips idle ticks' work (`cost.runtime_skips_idle`).
+
+  From `cost.runtime_ticks` with skipping, where a tick costs its busiest device's
+  work: a pass tick a pass forward, a table tick with a forward and a backward on one
+  device both, one with forwards only a table forward, and one with a backward run
+  (with or without a forward elsewhere: max(Ft, R + B) >= R + B) a recomputation and
+  a backward. Without skipping every table tick charges both, which is no less.
+  Parameter gathers hoisted without skipping run at least once per loop either way.
+  """
   if num_stages == 1 and num_microbatches == 1:
     return 1, 0, 0, 1, 0
-  fill = num_microbatches + num_stages - 1
+  permutes = cost.runtime_runs(schedule, num_stages, num_microbatches)[2]
+  passes, both, mixed, forward, backward = _predict.runtime_ticks(
+      schedule, num_stages, num_microbatches, skip_idle=num_stages > 1)
   if schedule == "gpipe":
-    return fill, 0, 0, backward, permutes
-  ticks = (forward - fill) // 2
-  return fill, ticks, ticks, backward, permutes
+    return passes, 0, 0, backward, permutes
+  runs = both + mixed + backward
+  return passes, both + forward, runs, runs, permutes
 
 
 def _position_rows(candidates: Sequence[strategies.Candidate], mesh: strategies.MeshShape,
