@@ -20,9 +20,11 @@ What "best" means (`objective=`):
     with the least runtime step time overall, which the MIQP does not model (the
     runtime charges every stage the positions of all stages, so it rewards balanced,
     alike stages rather than the least sum). The two objectives rank schedules very
-    differently: for each forward and backward run of GPipe's lockstep runtime,
-    1F1B's runs up to five forward and two backward runs (`cost.runtime_runs`),
-    which the paper objective does not see.
+    differently: 1F1B's runtime runs each micro-batch's forward three times (the
+    pass that feeds the loss, the table's forward, the recomputation in its backward
+    run) and, in lockstep, about 2M ticks that each last a backward run; where idle
+    ticks cannot be skipped (`cluster.skips_idle_work`) every tick runs on every
+    device (`cost.runtime_runs`). The paper objective sees none of this.
     The solver gets no cutoff under "runtime" (the runtime incumbent is on another
     scale, and no paper objective provably separates the assignments whose runtime
     could beat it); configurations are pruned by runtime bounds alone.
