@@ -53,7 +53,7 @@ def test_tick_counts_are_the_schedule_tables_own(executor):
     forward_pass, table = executor_tables(executor, stages, m)
     assert tick_classes(forward_pass) == (0, 0, forward_pass.ticks, 0)
     for skip in (False, True):
-      got = _predict.runtime_ticks(executor, stages, m, skip_idle=skip)
+      got = cost.runtime_ticks(executor, stages, m, skip_idle=skip)
       assert got[0] == forward_pass.ticks
       if executor in ("gpipe", "gpipe-remat"):
         want = (0, 0, 0, table.ticks)  # every backward tick has a busy device
@@ -157,7 +157,7 @@ def test_skipping_pipeline_compiles_exactly_the_predicted_collectives(executor, 
   """The cost model decides to skip as apply does, and every compiled (kind, axes)
   agrees with what it counts: exact counts, bytes within 1%."""
   plan, tables, choice, stage_of = dp_plan(executor, recompute)
-  assert _predict.runtime_skips_idle(tables, choice, executor)
+  assert cost.runtime_skips_idle(tables, choice, executor)
   want = cost.collectives_by_stage(tables, choice, stage_of, executor=executor)[0]
   model, optimizer = base.make_state()
   batch = base.make_batch(plan.global_batch)
@@ -178,7 +178,7 @@ def test_runtime_charges_the_busiest_device_of_each_tick(monkeypatch):
   pricing one tick of each class at a time."""
   plan, tables, choice, stage_of = dp_plan("1f1b")
   s, m = tables.num_stages, tables.num_microbatches
-  real = _predict.runtime_ticks
+  real = cost.runtime_ticks
 
   def priced(ticks):
     monkeypatch.setattr(_predict, "runtime_ticks", lambda *a, **k: ticks)
@@ -242,9 +242,9 @@ def test_gpu_skips_with_a_tensor_parallel_axis_and_counts_active_ticks_only():
             for l in tables.layers}
   stage_of = {n: s for s, names in enumerate(base.stages_of([2, 2])) for n in names}
   assert "tp" not in _predict.manual_axes(tables, choice)
-  assert _predict.runtime_skips_idle(tables, choice, "1f1b")
+  assert cost.runtime_skips_idle(tables, choice, "1f1b")
   cpu_tables = dataclasses.replace(tables, cluster=uniap_jax.Cluster.preset("cpu-8"))
-  assert not _predict.runtime_skips_idle(cpu_tables, choice, "1f1b")
+  assert not cost.runtime_skips_idle(cpu_tables, choice, "1f1b")
   on, off = (cost.collectives_by_stage(tables, choice, stage_of, executor="1f1b",
                                        skip_idle=k)[0] for k in (True, False))
   assert on == cost.collectives_by_stage(tables, choice, stage_of, executor="1f1b")[0]

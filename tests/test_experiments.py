@@ -336,5 +336,6 @@ def test_measure_runs_the_plan_and_sets_it_beside_the_predictions(tmp_path):
   # step, and the predictions are the plan's own.
   assert figures["compiled_memory_bytes"] > 0
   assert figures["predicted_memory_bytes"] and figures["predicted_step_time_s"] > 0
+  assert len(figures["predicted_runtime_memory_bytes"]) == figures["num_stages"]
   assert figures["plain_jit_s"] is None  # no one-device yardstick for 8 devices
   assert "step time, each waited for" in out and "compiled (memory_analysis)" in out

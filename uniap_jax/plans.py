@@ -50,6 +50,11 @@ class Predicted:
       runs in lockstep ticks in which every device runs every layer position, so with
       pipelining it exceeds the UniAP objective (`cost.runtime_step_time_s`); 0 when
       not computed.
+    runtime_memory_per_device_bytes: the peak memory of one device of that runtime,
+      one entry per stage (`cost.runtime_memory_bytes`): with pipelining it holds
+      parameter stacks, stage buffers and, under GPipe, every tick's residuals, so it
+      differs from memory_per_device_bytes (the UniAP paper's per-layer sum, which the
+      solver's constraint uses); () when not computed.
   """
 
   step_time_s: float
@@ -61,10 +66,23 @@ class Predicted:
   mfu: float
   collectives: Mapping[str, float]
   runtime_step_time_s: float = 0.0
+  runtime_memory_per_device_bytes: tuple[int, ...] = ()
 
   def __post_init__(self):
     if not self.step_time_s > 0:
       raise ValueError(f"step_time_s must be positive, got {self.step_time_s=}")
+    runtime_memory = tuple(self.runtime_memory_per_device_bytes)
+    if any(isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0
+           for m in runtime_memory):
+      raise ValueError("runtime_memory_per_device_bytes must hold non-negative byte counts, "
+                       f"one per stage, got {self.runtime_memory_per_device_bytes!r}")
+    if runtime_memory and len(runtime_memory) != len(self.memory_per_device_bytes):
+      raise ValueError(
+          f"runtime_memory_per_device_bytes has {len(runtime_memory)} entries but "
+          f"memory_per_device_bytes has {len(self.memory_per_device_bytes)}; give one per "
+          "stage, or () when not computed.")
+    object.__setattr__(self, "runtime_memory_per_device_bytes",
+                       tuple(int(m) for m in runtime_memory))
     unknown = set(self.collectives) - set(COLLECTIVE_KINDS)
     if unknown:
       raise ValueError(
@@ -247,6 +265,8 @@ class Plan:
         "predicted": {
             **dataclasses.asdict(self.predicted),
             "memory_per_device_bytes": list(self.predicted.memory_per_device_bytes),
+            "runtime_memory_per_device_bytes": list(
+                self.predicted.runtime_memory_per_device_bytes),
             "collectives": dict(self.predicted.collectives),
         },
         "solver": dataclasses.asdict(self.solver),
@@ -284,6 +304,9 @@ class Plan:
     batch_specs = tuple(trees[i] for i in batch_argnums)
     pred = dict(d["predicted"])
     pred["memory_per_device_bytes"] = tuple(pred["memory_per_device_bytes"])
+    # Written before the field existed: not computed.
+    pred["runtime_memory_per_device_bytes"] = tuple(
+        pred.get("runtime_memory_per_device_bytes", ()))
     return cls(
         mesh_axes={str(k): int(v) for k, v in d["mesh_axes"].items()},
         stages=[list(s) for s in d["stages"]],

@@ -16,6 +16,10 @@ from uniap_jax.cost._formulas import comm_time_s as comm_time_s
 from uniap_jax.cost._formulas import model_state_bytes as model_state_bytes
 from uniap_jax.cost._formulas import roofline_time_s as roofline_time_s
 from uniap_jax.cost._formulas import send_time_s as send_time_s
+from uniap_jax.cost._memory import linear_memory_bytes as linear_memory_bytes
+from uniap_jax.cost._memory import runtime_memory_bytes as runtime_memory_bytes
+from uniap_jax.cost._memory import runtime_memory_terms as runtime_memory_terms
+from uniap_jax.cost._memory import stash_slots as stash_slots
 from uniap_jax.cost._predict import EXECUTORS as EXECUTORS
 from uniap_jax.cost._predict import collectives_by_stage as collectives_by_stage
 from uniap_jax.cost._predict import inside_comms as inside_comms
@@ -23,7 +27,9 @@ from uniap_jax.cost._predict import manual_axes as manual_axes
 from uniap_jax.cost._predict import predicted_collectives as predicted_collectives
 from uniap_jax.cost._predict import runtime_run_split as runtime_run_split
 from uniap_jax.cost._predict import runtime_runs as runtime_runs
+from uniap_jax.cost._predict import runtime_skips_idle as runtime_skips_idle
 from uniap_jax.cost._predict import runtime_step_time_s as runtime_step_time_s
+from uniap_jax.cost._predict import runtime_ticks as runtime_ticks
 from uniap_jax.cost._tables import CostTables as CostTables
 from uniap_jax.cost._tables import EdgeCosts as EdgeCosts
 from uniap_jax.cost._tables import LayerCosts as LayerCosts

@@ -27,7 +27,11 @@ What "best" means (`objective=`):
     device (`cost.runtime_runs`). The paper objective sees none of this.
     The solver gets no cutoff under "runtime" (the runtime incumbent is on another
     scale, and no paper objective provably separates the assignments whose runtime
-    could beat it); configurations are pruned by runtime bounds alone.
+    could beat it); configurations are pruned by runtime bounds alone. Memory, too,
+    is checked as the runtime holds it: under "runtime" an assignment whose
+    `cost.runtime_memory_bytes` (parameter stacks, stage buffers, the executor's
+    residuals or stash) exceeds the limit cannot be the plan; "paper" checks the
+    paper's per-layer memory only, which the solver's constraint enforces.
 
 Pruning: building every configuration's tables would dominate on large clusters
 (hundreds of configurations, each with its own mesh and micro-batch size), so each

@@ -15,7 +15,6 @@ import numpy as np
 from uniap_jax import cluster as cluster_lib
 from uniap_jax import cost
 from uniap_jax import graph as graph_lib
-from uniap_jax.cost import _predict  # runtime_ticks, until `cost` exports it
 from uniap_jax import solver
 from uniap_jax import strategies
 from uniap_jax.search._configs import Config
@@ -600,7 +599,7 @@ def _split(schedule: str, num_stages: int, num_microbatches: int
   if num_stages == 1 and num_microbatches == 1:
     return 1, 0, 0, 1, 0
   permutes = cost.runtime_runs(schedule, num_stages, num_microbatches)[2]
-  passes, both, mixed, forward, backward = _predict.runtime_ticks(
+  passes, both, mixed, forward, backward = cost.runtime_ticks(
       schedule, num_stages, num_microbatches, skip_idle=num_stages > 1)
   if schedule == "gpipe":
     return passes, 0, 0, backward, permutes

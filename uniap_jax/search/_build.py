@@ -146,16 +146,11 @@ def _predict(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config: 
                      for x in cand.comms if not x.per_step)
     comm += layer_comm
     compute += l.microbatch_time_s[sol.choice[l.name]] - layer_comm
-  memory = []
-  for s in range(config.num_stages):
-    # The solver kept the largest transient of any candidate free (a linear stand-in
-    # for a max); the plan needs only the largest of its own candidates on the stage.
-    total = transient = 0.0
-    for l in tables.layers:
-      if sol.stage[l.name] == s:
-        total += tables.memory_by_stage(l.name)[s][sol.choice[l.name]]
-        transient = max(transient, l.temp_bytes[sol.choice[l.name]])
-    memory.append(int(total + transient))
+  stage_of = dict(sol.stage)
+  # The paper's memory: each stage's own layers (the solver's constraint), with the
+  # largest transient of its own candidates (the solver kept the largest of any
+  # candidate free, a linear stand-in for a max).
+  memory = cost.linear_memory_bytes(tables, sol.choice, stage_of)
   step_time = sol.objective
   scale = global_batch / graph.batch_size
   model_flops = sum(l.flops + l.backward_flops for l in graph.layers) * scale
@@ -163,13 +158,14 @@ def _predict(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config: 
   # MFU against the peak the cost model charges matmuls at: fp32 matmuls at default
   # precision run on TF32 units where the device has them (strategies' op dtypes).
   peak = cluster.peak_flops("tfloat32" if dtype == "float32" else dtype) * cluster.num_devices
-  stage_of = dict(sol.stage)
   # What plan.apply runs: the plan's schedule is the executor's name.
   collectives = cost.predicted_collectives(tables, sol.choice, stage_of, executor=config.schedule)
   runtime_s = cost.runtime_step_time_s(tables, sol.choice, stage_of, executor=config.schedule)
+  runtime_memory = cost.runtime_memory_bytes(tables, sol.choice, stage_of,
+                                             executor=config.schedule)
   return plans.Predicted(
       step_time_s=step_time, compute_time_s=compute, communication_time_s=comm,
       bubble_time_s=max(step_time - c * slowest, 0.0),
       throughput=global_batch / step_time, memory_per_device_bytes=tuple(memory),
       mfu=model_flops / (step_time * peak), collectives=collectives,
-      runtime_step_time_s=runtime_s)
+      runtime_step_time_s=runtime_s, runtime_memory_per_device_bytes=runtime_memory)

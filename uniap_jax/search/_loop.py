@@ -89,9 +89,13 @@ def plan(step: Callable[..., Any], *args: Any, cluster: cluster_lib.Cluster,
     time_limit_s: wall-clock budget of the whole outer loop, in seconds.
     global_batch: samples per step; default the batch's leading dimension.
     objective: what ranks the configurations: "runtime" (default), the step time of
-      the pipeline `plan.apply` runs (`plan.predicted.runtime_step_time_s`); "paper",
-      the UniAP objective (`plan.predicted.step_time_s`). Within a configuration the
-      solver always minimises the UniAP objective (see `uniap_jax.search`).
+      the pipeline `plan.apply` runs (`plan.predicted.runtime_step_time_s`); a
+      configuration whose plan needs more memory than the limit in that runtime
+      (`plan.predicted.runtime_memory_per_device_bytes`) is rejected. "paper", the
+      UniAP objective (`plan.predicted.step_time_s`) under the paper's memory
+      (`plan.predicted.memory_per_device_bytes`) alone: its plan's runtime memory may
+      exceed the limit. Within a configuration the solver always minimises the UniAP
+      objective under the paper's memory (see `uniap_jax.search`).
     incumbent: a plan of the same step and cluster (e.g. a baseline's) to start from:
       the search returns it unless it finds a strictly better one (see `plan_graph`).
     progress: called after each configuration with a `Progress`.
@@ -200,6 +204,20 @@ def plan_graph(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
           f"time_limit_s={time_limit_s} ran out before any plan was found{hint}. "
           f"Try time_limit_s >= {max(10 * (first or 1.0) * len(configs), 60):.0f}, "
           "or pin pp= and num_microbatches= to search fewer configurations.")
+    if loop.over_runtime:
+      need, worst = min(loop.over_runtime, key=lambda x: x[0])
+      hint = ("schedule='1f1b' (it stashes at most pp stage inputs where autodiff GPipe "
+              "keeps every tick's residuals), " if worst.schedule == "gpipe" else "")
+      raise InfeasibleError(
+          f"No plan fits at runtime: {len(loop.over_runtime)} configuration(s) solved "
+          "within the paper's per-device memory, but the pipeline plan.apply runs holds "
+          f"more (parameter stacks, stage buffers and, under GPipe, every tick's "
+          f"residuals): the leanest of them, {worst.describe()}, needs "
+          f"{format_bytes(need)} per device; the limit is {format_bytes(limit)} "
+          f"({cluster.name!r}). Try {hint}more and smaller micro-batches, more devices, "
+          "or memory_limit_bytes= if the limit is wrong; "
+          "objective='paper' checks the paper's memory only (its plan may exceed the limit "
+          "when applied).", needed_bytes=need, limit_bytes=limit)
     least = loop.least_memory()
     raise InfeasibleError(
         f"No plan fits: the leanest configuration needs {format_bytes(least)} per "
@@ -257,6 +275,10 @@ def _warm_value(incumbent: plans.Plan, graph: graph_lib.LayerGraph,
   if peak > limit * (1 + solver.MEMORY_RTOL):
     problems.append(f"it needs {format_bytes(peak)} per device, over the limit of "
                     f"{format_bytes(limit)}")
+  runtime_peak = max(incumbent.predicted.runtime_memory_per_device_bytes, default=0)
+  if objective == "runtime" and runtime_peak > limit * (1 + solver.MEMORY_RTOL):
+    problems.append(f"the pipeline plan.apply runs for it needs {format_bytes(runtime_peak)} "
+                    f"per device, over the limit of {format_bytes(limit)}")
   if problems:
     raise ValueError("incumbent cannot warm-start this search: " + "; ".join(problems) +
                      ". Pass a plan made for the same step, cluster and knobs, or none.")
@@ -292,6 +314,9 @@ class _Search:
     self.solve_s = 0.0
     self.first_solve_s: float | None = None
     self._needed: list[float] = []  # least memory of configurations proven infeasible
+    # Configurations whose solved plan fits the paper's memory but whose runtime
+    # (objective "runtime") needs more than the limit: (runtime bytes, config).
+    self.over_runtime: list[tuple[float, Config]] = []
     self._relaxed_out: list[int] = []  # infeasible by the scaled (relaxed) test only
     # The largest micro-batch each stage mesh is searched with: costed once, it bounds
     # every other micro-batch count on that mesh.
@@ -470,11 +495,15 @@ class _Search:
     # The configuration's proven bound in the search's units: the solver's bound is
     # on the UniAP objective, which bounds nothing of the runtime.
     bound = max(key, sol.bound) if paper else key
+    rejected = False
     if sol.choice:
       value = sol.objective if paper else cost.runtime_step_time_s(
           tables, sol.choice, sol.stage, executor=config.schedule)
       if value < self.incumbent:
-        self.best = (value, config, tables, sol)
+        if self._over_runtime_memory(config, tables, sol):
+          rejected = True
+        else:
+          self.best = (value, config, tables, sol)
     if sol.status == "time_limit" and not last and time.perf_counter() < self.deadline:
       return bound
     if sol.status == "infeasible":
@@ -483,8 +512,34 @@ class _Search:
       self.skipped += 1
     elif sol.status == "time_limit":
       self.open_bounds.append(bound)
-    self._report(config, sol.status, bound)
+    # A plan over the limit at runtime is reported like a configuration that fits
+    # nowhere (its bound, for the gap, is kept above).
+    self._report(config, "infeasible" if rejected else sol.status, bound)
     return None
+
+  def _over_runtime_memory(self, config: Config, tables: cost.CostTables,
+                           sol: solver.Solution) -> bool:
+    """Under "runtime", whether the assignment's runtime memory (what `plan.apply`
+    holds, `cost.runtime_memory_bytes`) exceeds the limit; such a configuration is
+    rejected (recorded in `over_runtime`). Under "paper" never: the paper's memory,
+    which the solver's constraint enforces, is the only test.
+
+    Only an assignment that would become the incumbent is tested: one that does not
+    is not chosen anyway. A rejected configuration's bound stays as it was (its
+    solve is not undone), so the search's bounds and gap stay valid: it simply cannot
+    be the incumbent. Another assignment of the same configuration might fit, but the
+    solver does not model the runtime's memory, so the configuration is dropped.
+    """
+    if self.objective != "runtime":
+      return False
+    need = max(cost.runtime_memory_bytes(tables, sol.choice, sol.stage,
+                                         executor=config.schedule))
+    if need <= self.limit * (1 + solver.MEMORY_RTOL):
+      return False
+    self.over_runtime.append((float(need), config))
+    logger.debug("%s: its plan's runtime needs %s per device, over the limit of %s",
+                 config.describe(), format_bytes(need), format_bytes(self.limit))
+    return True
 
   def least_memory(self) -> float:
     """The least per-device memory any configuration needs (for the error message):
