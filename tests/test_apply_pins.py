@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from uniap_jax import cost
 from uniap_jax import hlo
+from uniap_jax import plans
 from uniap_jax.apply import _pins
 
 import test_apply as base
@@ -94,22 +95,25 @@ def check_exact(plan, tables, choice, stage_of, executor):
   want = cost.collectives_by_stage(tables, choice, stage_of, executor=executor)[0]
   assert ("all-gather", ("tp",)) in want and ("all-reduce", ("tp",)) in want
   assert not mismatches(inside, want)
-  by_kind = hlo.bytes_by_kind(inside)
-  predicted = {k: v for k, v in plan.predicted.collectives.items() if v}
-  assert sorted(by_kind) == sorted(predicted), (by_kind, predicted)
-  for kind, value in predicted.items():
-    assert by_kind[kind] == pytest.approx(value, rel=BYTES_RTOL), (kind, by_kind, predicted)
+  if executor == plans.runtime_executor(plan.schedule, len(plan.stages),
+                                        plan.num_microbatches):  # the plan's own
+    by_kind = hlo.bytes_by_kind(inside)
+    predicted = {k: v for k, v in plan.predicted.collectives.items() if v}
+    assert sorted(by_kind) == sorted(predicted), (by_kind, predicted)
+    for kind, value in predicted.items():
+      assert by_kind[kind] == pytest.approx(value, rel=BYTES_RTOL), (kind, by_kind, predicted)
   return applied, args
 
 
 @pytest.mark.parametrize("executor", [
-    "gpipe",
+    "gpipe-remat",  # what the plan's GPipe schedule runs as
+    pytest.param("gpipe", marks=pytest.mark.slow),
     pytest.param("1f1b", marks=pytest.mark.slow),
 ])
 def test_pinned_pipeline_compiles_the_predicted_collectives_and_matches_one_device(executor):
   """Every (kind, axes): counts exact, bytes within 1%; then 3 AdamW steps of that
   compiled step against one device."""
-  plan, tables, choice, stage_of = planned(executor)
+  plan, tables, choice, stage_of = planned("1f1b" if executor == "1f1b" else "gpipe")
   applied, args = check_exact(plan, tables, choice, stage_of, executor)
   base.run_and_compare(applied, *args)
 

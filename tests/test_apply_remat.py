@@ -271,7 +271,8 @@ def test_runtime_step_time_charges_one_more_forward_per_backward_run(
         pp=pp, mesh_axes=mesh_axes, microbatches=microbatches, schedule=schedule,
         stages=stages_of([1, 3]) if pp == 2 else [layer_names()],
         strategy=remat_strategy("dp=batch,down:0", others, recompute))
-    times[recompute] = cost.runtime_step_time_s(tables, choice, stage_of, executor=schedule)
+    times[recompute] = cost.runtime_step_time_s(
+        tables, choice, stage_of, executor=plans.runtime_executor(schedule, pp, microbatches))
     cands[recompute] = {n: tables.layer(n).candidates[k] for n, k in choice.items()}
     assert plan.predicted.runtime_step_time_s == pytest.approx(times[recompute], rel=1e-12)
   manual = cost.manual_axes(tables, choice)

@@ -329,7 +329,7 @@ def test_measure_runs_the_plan_and_sets_it_beside_the_predictions(tmp_path):
   out = _run("experiments.measure", "--model=gpt2", "--size=tiny", "--cluster=cpu-8",
              "--batch=8", "--steps=2", "--time_limit_s=60", f"--out={out_json}")
   figures = json.loads(out_json.read_text())
-  assert figures["cluster"] == "cpu-8" and figures["executor"] == "gpipe"
+  assert figures["cluster"] == "cpu-8" and figures["executor"] == "gpipe-remat"
   assert len(figures["times_s"]) == 2 and all(t > 0 for t in figures["times_s"])
   assert figures["streamed_s"] > 0
   # The plan on 8 CPU devices: its compiled memory is what XLA reports for the applied

@@ -70,13 +70,15 @@ def test_predicted_step_time_is_the_solvers_objective(gpt2):
     choice[l.name] = [c.name for c in costs.candidates].index(l.strategy)
   got = solver.evaluate(problem, choice, stage)
   assert got.objective == pytest.approx(plan.predicted.step_time_s, rel=1e-9)
-  # What the runtime's lockstep GPipe costs, and sends, for that choice.
+  # What the runtime's lockstep GPipe (recomputing from stashed stage inputs) costs,
+  # and sends, for that choice.
+  assert config.executor == "gpipe-remat"
   assert plan.predicted.runtime_step_time_s == pytest.approx(
-      cost.runtime_step_time_s(tables, choice, stage, executor="gpipe"), rel=1e-9)
+      cost.runtime_step_time_s(tables, choice, stage, executor="gpipe-remat"), rel=1e-9)
   assert plan.predicted.runtime_step_time_s >= plan.predicted.step_time_s * (1 - 1e-9)
-  want = cost.predicted_collectives(tables, choice, stage, executor="gpipe")
+  want = cost.predicted_collectives(tables, choice, stage, executor="gpipe-remat")
   assert {k: v for k, v in plan.predicted.collectives.items() if v} == pytest.approx(want)
-  assert "uniap_jax.apply runs it in" in plan.summary()
+  assert "uniap_jax.apply runs it (executor 'gpipe-remat') in" in plan.summary()
 
 
 @pytest.mark.parametrize("objective", ["paper", "runtime"])
@@ -236,7 +238,7 @@ def test_costs_scaled_from_a_larger_microbatch_bound_the_smaller_ones(gpt2, mesh
 
 def test_infeasible_message_states_small_limits_in_readable_units():
   """A limit far below a GiB reads in MiB/KiB/bytes, not as "0.00 GiB"."""
-  from uniap_jax.search._configs import format_bytes
+  from uniap_jax.plans import format_bytes
   assert format_bytes(40 * 2**30) == "40.00 GiB"
   assert format_bytes(1.5 * 2**20) == "1.50 MiB"
   assert format_bytes(3 * 2**10) == "3.00 KiB"

@@ -102,7 +102,7 @@ def test_runtime_bounds_are_below_the_runtime_of_any_assignment(model, request):
     for choice, stage in assignments:
       # The bounds hold whether or not a pipeline skips idle ticks' work (on CPU it
       # depends on the choice's automatic axes; on GPU and TPU it always does).
-      runtime = min(cost.runtime_step_time_s(tables, choice, stage, executor=config.schedule,
+      runtime = min(cost.runtime_step_time_s(tables, choice, stage, executor=config.executor,
                                              skip_idle=skip)
                     for skip in ((None, False, True) if config.num_stages > 1 else (None,)))
       what = (config.describe(), choice, stage)
@@ -144,7 +144,7 @@ def test_memory_aware_bound_is_sound_and_tighter_under_a_tight_limit(gpt2):
                                                for _ in range(20)]
     for choice, stage in assignments:
       if solver.evaluate(problem, choice, stage).fits:
-        runtime = cost.runtime_step_time_s(tables, choice, stage, executor=config.schedule)
+        runtime = cost.runtime_step_time_s(tables, choice, stage, executor=config.executor)
         assert bound <= runtime * TOL, config.describe()
   assert tighter > 0
 
@@ -224,10 +224,10 @@ def _least_runtime(graph, cache, **knobs):
       continue
     # What plan.apply would hold must fit too: the search rejects the others.
     need = max(cost.runtime_memory_bytes(tables, sol.choice, sol.stage,
-                                         executor=config.schedule))
+                                         executor=config.executor))
     if need <= (limit or CPU8.memory_bytes) * (1 + solver.MEMORY_RTOL):
       best = min(best, cost.runtime_step_time_s(tables, sol.choice, sol.stage,
-                                                executor=config.schedule))
+                                                executor=config.executor))
   return best
 
 

@@ -32,6 +32,48 @@ REMAT_SUFFIX = " +remat"
 LeafSpec = tuple[int, str, PartitionSpec]  # (argument index, "/"-joined leaf path, spec)
 
 
+_GIB = 2**30
+
+
+def format_bytes(nbytes: float) -> str:
+  """Bytes for a message: GiB down to 0.01 GiB, then MiB, KiB or bytes (so that a small
+  limit never reads "0.00 GiB")."""
+  for unit, least in (("GiB", 0.01 * _GIB), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(nbytes) >= least:
+      size = {"GiB": _GIB, "MiB": 2**20, "KiB": 2**10}[unit]
+      return f"{nbytes / size:.2f} {unit}"
+  return f"{nbytes:.0f} bytes"
+
+
+def runtime_executor(schedule: str, num_stages: int, num_microbatches: int) -> str:
+  """The pipeline executor `plan.apply` runs a plan's schedule with (`uniap_jax.apply`),
+  and so the one its `predicted` runtime figures price.
+
+  GPipe's order (every forward, then every backward) runs as "gpipe-remat": each
+  stage stashes its M stage inputs and its backward recomputes the stage's forward
+  from them, as GPipe itself does. Autodiff through the tick loop ("gpipe") keeps
+  instead every tick's residuals of every layer position, idle ticks included, and
+  the tick loop's stacked residuals cost time too: GPT-2 with 4 micro-batches on one
+  H100 ran 23% faster in 30% of the memory as "gpipe-remat" (BENCHMARKS.md); on the
+  zoo's pipelined plans on CPU it kept the time and cut the memory about 4x.
+  1F1B over several stages runs as "1f1b". With one stage there is nothing to
+  interleave: 1F1B holds one micro-batch's activations at a time, which
+  "gpipe-remat" does too, without the 1F1B table's alternating ticks.
+  With one stage and one micro-batch nothing is pipelined and the executor is moot.
+
+  Raises:
+    ValueError: an unknown schedule, or counts below 1.
+  """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+  if num_stages < 1 or num_microbatches < 1:
+    raise ValueError(f"num_stages and num_microbatches must be >= 1, got {num_stages} and "
+                     f"{num_microbatches}")
+  if schedule == "1f1b" and num_stages > 1:
+    return "1f1b"
+  return "gpipe-remat"
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Predicted:
   """What the cost model predicts for one training step of the plan.
@@ -45,7 +87,8 @@ class Predicted:
     memory_per_device_bytes: peak memory of one device, one entry per stage.
     mfu: model FLOPs utilisation: model FLOPs per step / (step_time_s x devices x peak).
     collectives: bytes one device moves in one step, per collective kind, as this
-      package's runtime issues them (`plan.apply` with the plan's schedule).
+      package's runtime issues them (`plan.apply` with the plan's schedule, run by
+      `runtime_executor`).
     runtime_step_time_s: the step time of that runtime, priced like step_time_s: it
       runs in lockstep ticks in which every device runs every layer position, so with
       pipelining it exceeds the UniAP objective (`cost.runtime_step_time_s`); 0 when
@@ -351,8 +394,16 @@ class Plan:
         f"communication {_fmt_time(p.communication_time_s)}",
     ]
     if p.runtime_step_time_s and (len(self.stages) > 1 or self.solver.objective == "runtime"):
-      lines.append(f"  uniap_jax.apply runs it in {_fmt_time(p.runtime_step_time_s)} per step "
-                   f"({p.runtime_step_time_s / p.step_time_s:.2f}x the UniAP objective)")
+      how = ""
+      if len(self.stages) > 1 or self.num_microbatches > 1:  # else nothing is pipelined
+        executor = runtime_executor(self.schedule, len(self.stages), self.num_microbatches)
+        how = f" (executor {executor!r})"
+      lines.append(f"  uniap_jax.apply runs it{how} in {_fmt_time(p.runtime_step_time_s)} per "
+                   f"step ({p.runtime_step_time_s / p.step_time_s:.2f}x the UniAP objective)")
+    if p.runtime_memory_per_device_bytes:
+      lines.append(f"  it holds {format_bytes(max(p.runtime_memory_per_device_bytes))} per "
+                   f"device at most (the UniAP memory: "
+                   f"{format_bytes(max(p.memory_per_device_bytes))})")
     ranked = ("the runtime step time" if self.solver.objective == "runtime"
               else "the UniAP objective")
     lines += [

@@ -21,9 +21,10 @@ batch dim.
 Executors:
   - "gpipe": autodiff through a `fori_loop` of M + S - 1 forward ticks; the gradient
     oracle. With "uniform" stage bodies it keeps every tick's residuals (no
-    recomputation: the time and the activations in flight the cost model charges for
-    GPipe); "switch" branches are rematerialised, since a linearised switch would keep
-    the residuals of every branch.
+    recomputation, but every position's residuals in every tick, idle ones included:
+    `cost.runtime_memory_bytes`); "switch" branches are rematerialised, since a
+    linearised switch would keep the residuals of every branch. Plans run GPipe's
+    order as "gpipe-remat" instead (`plans.runtime_executor`).
   - "gpipe-remat", "fused", "1f1b": a `custom_vjp` whose forward rule runs the forward
     ticks and whose backward rule runs a schedule table (_schedules.py) with one
     `jax.vjp` per stage and micro-batch, recomputing the stage from its stashed input.

@@ -49,9 +49,6 @@ from uniap_jax.apply import _stages
 
 logger = logging.getLogger(__name__)
 
-_PLAN_SCHEDULE_TO_EXECUTOR = {"gpipe": "gpipe", "1f1b": "1f1b"}
-
-
 def apply_plan(plan: plans.Plan, step: Callable[..., Any], *,
                devices: Sequence[Any] | None = None, schedule: str | None = None,
                dispatch: str = "uniform", donate: bool = True,
@@ -64,9 +61,11 @@ def apply_plan(plan: plans.Plan, step: Callable[..., Any], *,
       place, or a functional `train_step(state, batch) -> (state, metrics)`; the plan's
       `batch_argnums` say which arguments are batch.
     devices: the devices to build the mesh over; default `jax.devices()`.
-    schedule: the pipeline executor, overriding the plan's schedule: "gpipe" (autodiff
-      through the forward loop), "gpipe-remat" (explicit backward, all M stage inputs
-      stashed), "fused" or "1f1b" (explicit tables; see `_pipeline.py`).
+    schedule: the pipeline executor, overriding the one the plan's schedule runs with
+      (`plans.runtime_executor`: "gpipe-remat" for GPipe, "1f1b" for 1F1B over several
+      stages): "gpipe" (autodiff through the forward loop), "gpipe-remat" (explicit
+      backward, all M stage inputs stashed), "fused" or "1f1b" (explicit tables; see
+      `_pipeline.py`). The plan's predictions are for its own executor.
     dispatch: how stages that hold different layers share one program: "uniform"
       (every device runs the same layer sequence, masked; safe with any intra-stage
       sharding) or "switch" (one `lax.switch` branch per stage; cheaper for unlike
@@ -94,7 +93,7 @@ def apply_plan(plan: plans.Plan, step: Callable[..., Any], *,
     loss = step(model, optimizer, batch)  # model and optimizer updated in place
   """
   if schedule is None:
-    schedule = _PLAN_SCHEDULE_TO_EXECUTOR[plan.schedule]
+    schedule = plans.runtime_executor(plan.schedule, len(plan.stages), plan.num_microbatches)
   if schedule not in _pipeline.EXECUTORS:
     raise ValueError(f"schedule={schedule!r} is not known; use one of {_pipeline.EXECUTORS}.")
   if dispatch not in _stages.DISPATCHES:

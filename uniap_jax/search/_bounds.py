@@ -271,11 +271,11 @@ def _check_layers(layers: Sequence[cost.LayerCosts], config: Config, *, limit: f
 # programs the runtime really runs when stages hold layers of different kinds.
 
 
-def _runs(schedule: str, num_stages: int, num_microbatches: int) -> tuple[int, int, int]:
+def _runs(executor: str, num_stages: int, num_microbatches: int) -> tuple[int, int, int]:
   """(forward runs of every position's compute, forward runs of its collectives,
   backward runs), at least, per step (see the comment above): the passes and the
   recomputations of `_split`, the passes, the backward runs."""
-  passes, _, recompute, backward, _ = _split(schedule, num_stages, num_microbatches)
+  passes, _, recompute, backward, _ = _split(executor, num_stages, num_microbatches)
   if num_stages == 1 and num_microbatches == 1:
     return 1, 1, 1
   return passes + recompute, passes, backward
@@ -342,7 +342,7 @@ def _runtime_flops_bound(config: Config, flops: Sequence[tuple[float, float, flo
                          global_batch: int) -> float:
   """`runtime_bound` over `phase_flops_bounds` for this configuration (level 0)."""
   m, c, s = config.mesh.num_devices, config.num_microbatches, config.num_stages
-  fr, _, br = _runs(config.schedule, s, c)
+  fr, _, br = _runs(config.executor, s, c)
   b = global_batch // c
   weights = [(fr * f + br * g) * b / m for f, g, _ in flops]
   return runtime_bound(weights, sum(o for _, _, o in flops) / m, num_stages=s)
@@ -467,9 +467,9 @@ def _runtime_layer_bound(layers: Sequence[cost.LayerCosts], config: Config,
   if any(not l.candidates for l in layers):
     return math.inf
   c, s, mesh = config.num_microbatches, config.num_stages, config.mesh
-  fr, fc, br = _runs(config.schedule, s, c)
+  fr, fc, br = _runs(config.executor, s, c)
   fewest = min(cost.microbatches_in_flight(config.schedule, c, s, i) for i in range(s))
-  passes = _split(config.schedule, s, c)[0]
+  passes = _split(config.executor, s, c)[0]
   read = {v for l in layers for v in l.input_ids}
   groups: dict[tuple, list] = {}  # (id(candidates), read) -> [count, v, m, w, opt, solver]
   weights, optimizer_s, solver_s = [], 0.0, 0.0
@@ -583,7 +583,7 @@ def runtime_lower_bound(tables: cost.CostTables) -> float:
 # that lead to a send also run the table's forwards (`_live_bound`).
 
 
-def _split(schedule: str, num_stages: int, num_microbatches: int
+def _split(executor: str, num_stages: int, num_microbatches: int
            ) -> tuple[int, int, int, int, int]:
   """(passes, table forwards, recomputations, backward runs, permutes): how many
   times, at least, the lockstep time charges each kind of run's work per step,
@@ -598,10 +598,10 @@ def _split(schedule: str, num_stages: int, num_microbatches: int
   """
   if num_stages == 1 and num_microbatches == 1:
     return 1, 0, 0, 1, 0
-  permutes = cost.runtime_runs(schedule, num_stages, num_microbatches)[2]
+  permutes = cost.runtime_runs(executor, num_stages, num_microbatches)[2]
   passes, both, mixed, forward, backward = cost.runtime_ticks(
-      schedule, num_stages, num_microbatches, skip_idle=num_stages > 1)
-  if schedule == "gpipe":
+      executor, num_stages, num_microbatches, skip_idle=num_stages > 1)
+  if executor == "gpipe":
     return passes, 0, 0, backward, permutes
   runs = both + mixed + backward
   return passes, both + forward, runs, runs, permutes
@@ -716,7 +716,7 @@ def _runtime_position_bound(layers: Sequence[cost.LayerCosts], config: Config,
   c, s, mesh = config.num_microbatches, config.num_stages, config.mesh
   if math.isinf(old) or not layers or (s == 1 and c == 1):
     return old
-  passes, table, recompute, backward, permutes = _split(config.schedule, s, c)
+  passes, table, recompute, backward, permutes = _split(config.executor, s, c)
   autodiff = not recompute and passes > 1  # GPipe by autodiff: backward runs regather
   gather_runs = 1 + (backward if autodiff else 0) + (1 if recompute else 0)
   read = {v for l in layers for v in l.input_ids}

@@ -158,11 +158,12 @@ def _predict(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config: 
   # MFU against the peak the cost model charges matmuls at: fp32 matmuls at default
   # precision run on TF32 units where the device has them (strategies' op dtypes).
   peak = cluster.peak_flops("tfloat32" if dtype == "float32" else dtype) * cluster.num_devices
-  # What plan.apply runs: the plan's schedule is the executor's name.
-  collectives = cost.predicted_collectives(tables, sol.choice, stage_of, executor=config.schedule)
-  runtime_s = cost.runtime_step_time_s(tables, sol.choice, stage_of, executor=config.schedule)
+  # What plan.apply runs (`plans.runtime_executor`).
+  collectives = cost.predicted_collectives(tables, sol.choice, stage_of,
+                                            executor=config.executor)
+  runtime_s = cost.runtime_step_time_s(tables, sol.choice, stage_of, executor=config.executor)
   runtime_memory = cost.runtime_memory_bytes(tables, sol.choice, stage_of,
-                                             executor=config.schedule)
+                                             executor=config.executor)
   return plans.Predicted(
       step_time_s=step_time, compute_time_s=compute, communication_time_s=comm,
       bubble_time_s=max(step_time - c * slowest, 0.0),

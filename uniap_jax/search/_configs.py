@@ -7,20 +7,8 @@ import dataclasses
 from uniap_jax import cluster as cluster_lib
 from uniap_jax import cost
 from uniap_jax import graph as graph_lib
+from uniap_jax import plans
 from uniap_jax import strategies
-
-
-_GIB = 2**30
-
-
-def format_bytes(nbytes: float) -> str:
-  """Bytes for a message: GiB down to 0.01 GiB, then MiB, KiB or bytes (so that a small
-  limit never reads "0.00 GiB")."""
-  for unit, least in (("GiB", 0.01 * _GIB), ("MiB", 2**20), ("KiB", 2**10)):
-    if abs(nbytes) >= least:
-      size = {"GiB": _GIB, "MiB": 2**20, "KiB": 2**10}[unit]
-      return f"{nbytes / size:.2f} {unit}"
-  return f"{nbytes:.0f} bytes"
 
 
 MAX_MICROBATCHES = 64  # micro-batch counts searched by default are divisors up to this
@@ -41,6 +29,11 @@ class Config:
   mesh: strategies.MeshShape
   num_microbatches: int
   schedule: str
+
+  @property
+  def executor(self) -> str:
+    """The pipeline executor `plan.apply` runs this configuration's plans with."""
+    return plans.runtime_executor(self.schedule, self.num_stages, self.num_microbatches)
 
   def describe(self) -> str:
     mesh = "x".join(f"{k}{v}" for k, v in self.mesh.as_dict().items())

@@ -19,7 +19,6 @@ from uniap_jax import solver
 from uniap_jax import strategies
 from uniap_jax.search._configs import Config
 from uniap_jax.search._configs import Progress
-from uniap_jax.search._configs import format_bytes
 from uniap_jax.search._configs import configurations
 from uniap_jax.search._bounds import _Check
 from uniap_jax.search._bounds import _check_layers
@@ -206,24 +205,22 @@ def plan_graph(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
           "or pin pp= and num_microbatches= to search fewer configurations.")
     if loop.over_runtime:
       need, worst = min(loop.over_runtime, key=lambda x: x[0])
-      hint = ("schedule='1f1b' (it stashes at most pp stage inputs where autodiff GPipe "
-              "keeps every tick's residuals), " if worst.schedule == "gpipe" else "")
       raise InfeasibleError(
           f"No plan fits at runtime: {len(loop.over_runtime)} configuration(s) solved "
           "within the paper's per-device memory, but the pipeline plan.apply runs holds "
-          f"more (parameter stacks, stage buffers and, under GPipe, every tick's "
-          f"residuals): the leanest of them, {worst.describe()}, needs "
-          f"{format_bytes(need)} per device; the limit is {format_bytes(limit)} "
-          f"({cluster.name!r}). Try {hint}more and smaller micro-batches, more devices, "
+          "more (parameter stacks, stage buffers, the stashed stage inputs and the "
+          "cotangents of every micro-batch's outputs): the leanest of them, "
+          f"{worst.describe()}, needs {plans.format_bytes(need)} per device; the limit is "
+          f"{plans.format_bytes(limit)} ({cluster.name!r}). Try more devices, "
           "or memory_limit_bytes= if the limit is wrong; "
           "objective='paper' checks the paper's memory only (its plan may exceed the limit "
           "when applied).", needed_bytes=need, limit_bytes=limit)
     least = loop.least_memory()
     raise InfeasibleError(
-        f"No plan fits: the leanest configuration needs {format_bytes(least)} per "
-        f"device; the limit is {format_bytes(limit)} ({cluster.name!r}). Try more devices, "
-        "a larger pp, schedule='1f1b', a smaller global_batch, or memory_limit_bytes= if the "
-        "limit is wrong.", needed_bytes=least, limit_bytes=limit)
+        f"No plan fits: the leanest configuration needs {plans.format_bytes(least)} per "
+        f"device; the limit is {plans.format_bytes(limit)} ({cluster.name!r}). Try more "
+        "devices, a larger pp, schedule='1f1b', a smaller global_batch, or "
+        "memory_limit_bytes= if the limit is wrong.", needed_bytes=least, limit_bytes=limit)
   value = loop.incumbent
   proven = min(loop.open_bounds + [value])
   gap = 0.0 if not loop.open_bounds else max(0.0, (value - proven) / value)
@@ -273,12 +270,12 @@ def _warm_value(incumbent: plans.Plan, graph: graph_lib.LayerGraph,
                     "is pinned")
   peak = max(incumbent.predicted.memory_per_device_bytes, default=0)
   if peak > limit * (1 + solver.MEMORY_RTOL):
-    problems.append(f"it needs {format_bytes(peak)} per device, over the limit of "
-                    f"{format_bytes(limit)}")
+    problems.append(f"it needs {plans.format_bytes(peak)} per device, over the limit of "
+                    f"{plans.format_bytes(limit)}")
   runtime_peak = max(incumbent.predicted.runtime_memory_per_device_bytes, default=0)
   if objective == "runtime" and runtime_peak > limit * (1 + solver.MEMORY_RTOL):
-    problems.append(f"the pipeline plan.apply runs for it needs {format_bytes(runtime_peak)} "
-                    f"per device, over the limit of {format_bytes(limit)}")
+    problems.append(f"the pipeline plan.apply runs for it needs {plans.format_bytes(runtime_peak)} "
+                    f"per device, over the limit of {plans.format_bytes(limit)}")
   if problems:
     raise ValueError("incumbent cannot warm-start this search: " + "; ".join(problems) +
                      ". Pass a plan made for the same step, cluster and knobs, or none.")
@@ -498,7 +495,7 @@ class _Search:
     rejected = False
     if sol.choice:
       value = sol.objective if paper else cost.runtime_step_time_s(
-          tables, sol.choice, sol.stage, executor=config.schedule)
+          tables, sol.choice, sol.stage, executor=config.executor)
       if value < self.incumbent:
         if self._over_runtime_memory(config, tables, sol):
           rejected = True
@@ -533,12 +530,12 @@ class _Search:
     if self.objective != "runtime":
       return False
     need = max(cost.runtime_memory_bytes(tables, sol.choice, sol.stage,
-                                         executor=config.schedule))
+                                         executor=config.executor))
     if need <= self.limit * (1 + solver.MEMORY_RTOL):
       return False
     self.over_runtime.append((float(need), config))
     logger.debug("%s: its plan's runtime needs %s per device, over the limit of %s",
-                 config.describe(), format_bytes(need), format_bytes(self.limit))
+                 config.describe(), plans.format_bytes(need), plans.format_bytes(self.limit))
     return True
 
   def least_memory(self) -> float:
