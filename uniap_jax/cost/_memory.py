@@ -148,7 +148,7 @@ def runtime_memory_bytes(tables: _tables.CostTables, choice: Mapping[str, int],
     choice: layer name -> index into its `LayerCosts.candidates`.
     stage_of: layer name -> stage; default everything on stage 0.
     executor: `uniap_jax.apply`'s executor ("gpipe", "gpipe-remat", "fused", "1f1b";
-      a plan's schedule "gpipe" runs as "gpipe", "1f1b" as "1f1b").
+      the one a plan's schedule runs with is `plans.runtime_executor`'s).
   Returns:
     One figure per stage, in bytes per device: with a pipeline, the same for every
     stage (one SPMD program allocates alike on every device).

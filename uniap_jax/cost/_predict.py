@@ -812,7 +812,7 @@ def predicted_collectives(tables: _tables.CostTables, choice: Mapping[str, int],
     stage_of: layer name -> stage; default everything on stage 0.
     executor: None: the paper's count (per micro-batch and stage boundary). The name of
       `uniap_jax.apply`'s executor ("gpipe", "gpipe-remat", "fused", "1f1b"; a plan's
-      schedule "gpipe" runs as "gpipe", "1f1b" as "1f1b"): what that runtime compiles.
+      schedule runs with `plans.runtime_executor`'s): what that runtime compiles.
     skip_idle: as for `collectives_by_stage`.
   Returns:
     DESIGN.md's `predicted.collectives`: kinds with nonzero bytes only.
