@@ -23,7 +23,7 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags
 import jax
 
-import uniap_jax as ua
+from experiments import clusters
 from uniap_jax import profile
 
 _CLUSTER = flags.DEFINE_string(
@@ -46,13 +46,6 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Global batch of --model's layers.")
 _CANDIDATES = flags.DEFINE_integer("max_candidates", 2, "Candidates timed per layer kind.")
 
 
-def _cluster(text: str) -> ua.Cluster:
-  if text == "devices":
-    return ua.Cluster.from_devices()
-  if text.endswith(".json"):
-    return ua.Cluster.from_json(text)
-  return ua.Cluster.preset(text)
-
 
 def _ints(values: list[str]) -> tuple[int, ...] | None:
   return tuple(int(float(v)) for v in values) or None
@@ -60,7 +53,7 @@ def _ints(values: list[str]) -> tuple[int, ...] | None:
 
 def main(argv):
   del argv
-  cluster = _cluster(_CLUSTER.value)
+  cluster = clusters.from_flag(_CLUSTER.value)
   devices = jax.devices("cpu") if cluster.device_kind == "cpu" else jax.devices()
   options = dict(sizes_bytes=_ints(_SIZES.value), matmul_sizes=_ints(_MATMULS.value),
                  elementwise_bytes=_ints(_ELEMENTWISE.value), repeats=_REPEATS.value,

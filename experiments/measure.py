@@ -45,6 +45,7 @@ from flax import nnx
 import jax
 
 import uniap_jax as ua
+from experiments import clusters
 from uniap_jax import profile
 from experiments import models
 
@@ -69,13 +70,6 @@ _BASELINE = flags.DEFINE_bool(
     "baseline", True, "Also time a plain nnx.jit of the step on one device.")
 _OUT = flags.DEFINE_string("out", None, "Write every figure as JSON to this file.")
 
-
-def _cluster(text: str) -> ua.Cluster:
-  if text == "devices":
-    return ua.Cluster.from_devices()
-  if text.endswith(".json"):
-    return ua.Cluster.from_json(text)
-  return ua.Cluster.preset(text)
 
 
 def _devices(cluster: ua.Cluster) -> list[Any]:
@@ -146,7 +140,7 @@ def _mib(x: float | None) -> str:
 
 def main(argv):
   del argv
-  cluster = _cluster(_CLUSTER.value)
+  cluster = clusters.from_flag(_CLUSTER.value)
   if _CALIBRATION.value:
     with open(_CALIBRATION.value, encoding="utf-8") as f:
       cluster = profile.Calibration.from_json(f.read()).apply(cluster)

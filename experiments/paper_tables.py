@@ -38,6 +38,7 @@ from absl import app
 from absl import flags
 
 import uniap_jax as ua
+from experiments import clusters as cluster_flags
 from experiments import models
 from uniap_jax import baselines
 
@@ -293,9 +294,6 @@ def define_flags() -> None:
                       "Directory for <cluster>.csv and paper_tables.md.")
 
 
-def _cluster(text: str) -> ua.Cluster:
-  return ua.Cluster.from_json(text) if text.endswith(".json") else ua.Cluster.preset(text)
-
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
@@ -305,7 +303,7 @@ def main(argv: Sequence[str]) -> None:
   unknown = [m for m in FLAGS.methods if m not in METHODS]
   if unknown:
     raise app.UsageError(f"Unknown --methods {unknown}; known: {', '.join(METHODS)}.")
-  clusters = [_cluster(c) for c in FLAGS.clusters]
+  clusters = [cluster_flags.from_flag(c) for c in FLAGS.clusters]
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   results: dict[str, list[Result]] = {c.name: [] for c in clusters}
   start = time.perf_counter()

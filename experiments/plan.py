@@ -11,6 +11,7 @@ from absl import flags
 from rich.progress import Progress
 
 import uniap_jax as ua
+from experiments import clusters
 from uniap_jax import search
 from experiments import models
 from experiments import plot
@@ -19,7 +20,8 @@ _MODEL = flags.DEFINE_enum("model", "gpt2", models.NAMES, "Zoo model to plan.")
 _SIZE = flags.DEFINE_enum("size", "paper", ["paper", "tiny"], "Model size.")
 _CLUSTER = flags.DEFINE_string(
     "cluster", "a100-40g-2x8",
-    f"Cluster preset ({', '.join(ua.Cluster.presets())}) or a cluster JSON file.")
+    f"Cluster preset ({', '.join(ua.Cluster.presets())}), a cluster JSON file, or 'devices' "
+    "(Cluster.from_devices()).")
 _GLOBAL_BATCH = flags.DEFINE_integer("global_batch", 16, "Samples per step.")
 _PP = flags.DEFINE_integer("pp", None, "Pin the pipeline degree.")
 _MICROBATCHES = flags.DEFINE_integer("num_microbatches", None, "Pin the micro-batch count.")
@@ -36,17 +38,12 @@ _PLOT = flags.DEFINE_string(
     "PNG file; needs matplotlib: pip install -e '.[experiments]'.")
 
 
-def _cluster(text: str) -> ua.Cluster:
-  if text.endswith(".json"):
-    return ua.Cluster.from_json(text)
-  return ua.Cluster.preset(text)
-
 
 def main(argv):
   del argv
   if _PLOT.value:
     plot.check_matplotlib()  # fail before planning, not after
-  cluster = _cluster(_CLUSTER.value)
+  cluster = clusters.from_flag(_CLUSTER.value)
   model = models.create(_MODEL.value, _SIZE.value, shape_only=True)
   optimizer = models.create_optimizer(model)
   batch = models.example_batch(_MODEL.value, _SIZE.value, _GLOBAL_BATCH.value, shape_only=True)
