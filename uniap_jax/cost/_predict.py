@@ -619,10 +619,10 @@ def _output_permutes(executor: str, split: tuple[int, ...]) -> int:
   """Permutes per step of a buffer slot only model outputs ride: "fused" and "1f1b"
   move it in the forward pass and the table's forward runs, not backward (the outputs'
   cotangents enter on the last stage); autodiff GPipe transposes every forward permute
-  (`runtime_run_split`'s permutes); both checked on compiled HLO (BERT's MLM logits,
-  tests/test_apply_zoo.py). "gpipe-remat" is taken to move it in its forward ticks
-  only, like "fused" (not checked: no plan's schedule runs it)."""
-  if executor == "gpipe":
+  and "gpipe-remat"'s backward ticks move every slot's cotangent too
+  (`runtime_run_split`'s permutes); all checked on compiled HLO (BERT's MLM logits,
+  tests/test_apply_zoo.py)."""
+  if executor in ("gpipe", "gpipe-remat"):
     return split[4]
   return split[0] + split[1]
 
