@@ -420,7 +420,7 @@ class Plan:
     for s, names in enumerate(self.stages):
       mem = p.memory_per_device_bytes[s] if s < len(p.memory_per_device_bytes) else 0
       lines.append(f"  stage {s}: {len(names)} layers ({_span(names)}), "
-                   f"memory {mem / 2**30:.2f} GiB per device")
+                   f"memory {format_bytes(mem)} per device")
       for run in _runs(by_stage.get(s, [])):
         first, last = run[0], run[-1]
         label = first.name if len(run) == 1 else f"{first.name} .. {last.name} ({len(run)}x)"
