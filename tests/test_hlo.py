@@ -218,3 +218,25 @@ def test_data_parallel_gradient_all_reduce():
   by_axes = hlo.by_axes(hlo.parse(compiled.as_text(), MESH_AXES))
   assert by_axes == {("all-reduce", ("dp", "tp")): {"count": 1, "bytes": 16 * 8 * 4}}
   assert np.isclose(hlo.bytes_by_kind(hlo.parse(compiled.as_text()))["all-reduce"], 512)
+
+
+def test_collectives_in_a_conditional_branch_are_marked_and_counted_as_if_it_ran():
+  """A pipeline that skips idle ticks' work puts collectives in a lax.cond: each branch
+  counts as if it ran in every trip (an upper bound), and says so."""
+  mesh = _mesh()
+
+  def g(x, flag):
+    def tick(i, c):
+      busy = lambda v: jax.lax.psum(v, "tp")
+      return jax.lax.cond(flag[0] > i, busy, lambda v: v, c)
+    y = jax.lax.fori_loop(0, 3, tick, x)
+    return jax.lax.psum(y, "dp")  # outside any branch
+
+  compiled = jax.jit(jax.shard_map(g, mesh=mesh, in_specs=(P(), P()), out_specs=P())).lower(
+      jax.ShapeDtypeStruct((16, 8), jnp.float32),
+      jax.ShapeDtypeStruct((1,), jnp.int32)).compile()  # compiled only: never run
+  got = {c.axes: c for c in hlo.parse(compiled.as_text(), MESH_AXES)
+         if c.kind == "all-reduce"}
+  assert sorted(got) == [("dp",), ("tp",)]
+  assert got[("tp",)].conditional and got[("tp",)].executions == 3
+  assert not got[("dp",)].conditional and got[("dp",)].executions == 1

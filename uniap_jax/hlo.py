@@ -65,6 +65,11 @@ class Collective:
     computation: the HLO computation that holds it.
     executions: how often it runs per call of the program (while trip counts
       multiplied); 0 inside a loop whose trip count XLA does not know (with a warning).
+      Inside a conditional's branch (`conditional`) it counts as if that branch ran
+      every time: an upper bound, since which branch runs is data dependent (a
+      pipeline tick that skips an idle device's stage work runs it only on busy ticks).
+    conditional: whether it sits in a branch of a conditional (lax.cond / lax.switch),
+      at any depth.
     operand_bytes / result_bytes: sizes on one device, for one execution.
     replica_groups: the device groups (partition ids), empty when the text gives none.
     source_target_pairs: for "send", the (source, target) partition pairs.
@@ -80,6 +85,7 @@ class Collective:
   replica_groups: tuple[tuple[int, ...], ...] = ()
   source_target_pairs: tuple[tuple[int, int], ...] = ()
   axes: tuple[str, ...] = ()
+  conditional: bool = False
 
   @property
   def bytes(self) -> int:
@@ -220,9 +226,10 @@ def _split_computations(text: str) -> tuple[dict[str, list[_Instr]], str]:
   return comps, entry
 
 
-def _callees(instr: _Instr) -> list[tuple[str, float]]:
-  """(computation, executions per execution of instr) for each computation instr calls."""
-  out: list[tuple[str, float]] = []
+def _callees(instr: _Instr) -> list[tuple[str, float, bool]]:
+  """(computation, executions per execution of instr, whether it is a conditional's
+  branch) for each computation instr calls."""
+  out: list[tuple[str, float, bool]] = []
   attrs = instr.attrs
   if instr.opcode == "while":
     trip = _trip_count(attrs)
@@ -230,17 +237,17 @@ def _callees(instr: _Instr) -> list[tuple[str, float]]:
     for key, factor in (("body", trip), ("condition", trip + 1)):
       m = re.search(rf"\b{key}=%?([\w.\-]+)", attrs)
       if m:
-        out.append((m.group(1), factor))
+        out.append((m.group(1), factor, False))
     return out
   for key in ("calls", "to_apply", "true_computation", "false_computation"):
     for m in re.finditer(rf"\b{key}=%?([\w.\-]+)", attrs):
-      out.append((m.group(1), 1.0))
+      out.append((m.group(1), 1.0, key.endswith("_computation")))
   m = re.search(r"\bbranch_computations=\{([^}]*)\}", attrs)
   if m:
     # Only one branch runs per execution; which one is data dependent, so each branch is
     # counted as if it ran (an upper bound for stage-dependent switches).
     for name in re.findall(r"%?([\w.\-]+)", m.group(1)):
-      out.append((name, 1.0))
+      out.append((name, 1.0, True))
   return out
 
 
@@ -254,9 +261,11 @@ def _trip_count(attrs: str) -> int | None:
   return int(m.group(1)) if m else None
 
 
-def _executions(comps: Mapping[str, list[_Instr]], entry: str) -> dict[str, int]:
-  """Executions per program call of every computation reachable from ENTRY."""
-  edges: dict[str, list[tuple[str, float]]] = {}
+def _executions(comps: Mapping[str, list[_Instr]], entry: str
+                ) -> tuple[dict[str, int], set[str]]:
+  """Executions per program call of every computation reachable from ENTRY, and the
+  computations reached through a conditional's branch."""
+  edges: dict[str, list[tuple[str, float, bool]]] = {}
   for name, instrs in comps.items():
     edges[name] = [c for ins in instrs for c in _callees(ins) if c[0] in comps]
   # Topological order of the (acyclic) call graph from ENTRY.
@@ -268,7 +277,7 @@ def _executions(comps: Mapping[str, list[_Instr]], entry: str) -> dict[str, int]
     seen.add(node)
     while stack:
       cur, it = stack[-1]
-      for child, _ in it:
+      for child, _, _ in it:
         if child not in seen:
           seen.add(child)
           stack.append((child, iter(edges[child])))
@@ -280,10 +289,13 @@ def _executions(comps: Mapping[str, list[_Instr]], entry: str) -> dict[str, int]
   visit(entry)
   counts = {name: 0.0 for name in seen}
   counts[entry] = 1.0
+  branched: set[str] = set()
   for node in reversed(order):
-    for child, factor in edges[node]:
+    for child, factor, branch in edges[node]:
       counts[child] += counts[node] * factor
-  return {k: (-1 if math.isnan(v) else int(round(v))) for k, v in counts.items()}
+      if branch or node in branched:
+        branched.add(child)
+  return {k: (-1 if math.isnan(v) else int(round(v))) for k, v in counts.items()}, branched
 
 
 def expand_replica_groups(attrs: str, num_devices: int | None = None) -> tuple[tuple[int, ...], ...]:
@@ -407,7 +419,7 @@ def parse(hlo_text: str, mesh_axes: Mapping[str, int] | None = None, *,
     ValueError: the text is not HLO.
   """
   comps, entry = _split_computations(hlo_text)
-  executions = _executions(comps, entry)
+  executions, branched = _executions(comps, entry)
   num_devices = None
   m = re.search(r"num_partitions=(\d+)", hlo_text)
   if m:
@@ -466,7 +478,8 @@ def parse(hlo_text: str, mesh_axes: Mapping[str, int] | None = None, *,
         out.append(Collective(kind=k, name=name, computation=comp_name,
                               executions=max(runs, 0), operand_bytes=op_bytes,
                               result_bytes=res_bytes, replica_groups=groups,
-                              source_target_pairs=pairs, axes=axes))
+                              source_target_pairs=pairs, axes=axes,
+                              conditional=comp_name in branched))
   if unknown:
     warnings.warn(
         f"Collectives {unknown[:5]} run inside a while loop without a known trip count; "
