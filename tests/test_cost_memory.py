@@ -264,3 +264,57 @@ def test_runtime_memory_matches_the_compiled_step(case):
   assert len(runtime) == 2
   for predicted in runtime:
     assert got == pytest.approx(predicted, rel=0.10), (got, runtime)
+
+
+# --- the solver's per-layer runtime model ----------------------------------------------
+
+
+def _random_assignment(tables, rng):
+  names = [l.name for l in tables.layers]
+  cuts = sorted(rng.sample(range(1, len(names)), tables.num_stages - 1))
+  bounds = [0, *cuts, len(names)]
+  stage_of = {names[i]: s for s in range(tables.num_stages)
+              for i in range(bounds[s], bounds[s + 1])}
+  return {l.name: rng.randrange(len(l.candidates)) for l in tables.layers}, stage_of
+
+
+@pytest.mark.parametrize("stages,microbatches,schedule", [
+    (1, 4, "gpipe"), (1, 8, "1f1b"), (2, 8, "gpipe"), (2, 4, "1f1b"), (4, 8, "gpipe")])
+def test_runtime_layer_memory_covers_the_runtime_memory(stages, microbatches, schedule):
+  """The per-layer runtime model the solver sums (`memory_by_stage` of tables built with
+  the executor) plus the reserve is at least `cost.runtime_memory_bytes` of random
+  assignments. With one stage the stage's sum is what the runtime holds, term by term.
+  With several, the runtime's figure is the same on every device and adds parts of
+  different stages (the embedding's batch on the first, the outputs on the last, the
+  stacks' and positions' maxima over stages), which no single stage's linear sum can
+  see: there the sum over all stages covers it, and the busiest stage covers it
+  wherever the stages are alike (checked where the runtime's stage-wide parts, the
+  stored state's 1/S share and the batch, are within the busiest stage's)."""
+  import random
+  rng = random.Random(stages * 100 + microbatches)
+  executor = plans.runtime_executor(schedule, stages, microbatches)
+  tables = cost.build_cost_tables(graph(), CLUSTER, mesh=stage_mesh(stages),
+                                  num_stages=stages, num_microbatches=microbatches,
+                                  global_batch=2 * microbatches, schedule=schedule,
+                                  executor=executor)
+  for _ in range(6):
+    choice, stage_of = _random_assignment(tables, rng)
+    runtime = max(cost.runtime_memory_bytes(tables, choice, stage_of, executor=executor))
+    per_stage = [sum(tables.memory_by_stage(l.name)[s][choice[l.name]]
+                     for l in tables.layers if stage_of[l.name] == s)
+                 for s in range(stages)]
+    if stages == 1:
+      assert per_stage[0] + tables.reserve_bytes >= runtime, (choice, stage_of)
+    else:
+      assert sum(per_stage) + tables.reserve_bytes >= runtime, (choice, stage_of)
+    # The solver's figure is this model's, not the paper's.
+    assert cost.linear_memory_bytes(tables, choice, stage_of) == tuple(
+        int(p + max((l.temp_bytes[choice[l.name]] for l in tables.layers
+                     if stage_of[l.name] == s), default=0.0))
+        for s, p in enumerate(per_stage))
+
+
+def test_an_unknown_executor_for_the_tables_is_refused():
+  with pytest.raises(ValueError, match="executor='zb'"):
+    cost.build_cost_tables(graph(), CLUSTER, mesh=stage_mesh(2), num_stages=2,
+                           num_microbatches=2, global_batch=4, executor="zb")

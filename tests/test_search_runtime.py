@@ -20,10 +20,10 @@ CPU8 = cluster_lib.Cluster.preset("cpu-8")
 TOL = 1 + 1e-9
 
 
-def _trace(name, batch=16):
-  model = models.create(name, "tiny", shape_only=True)
+def _trace(name, batch=16, size="tiny"):
+  model = models.create(name, size, shape_only=True)
   opt = models.create_optimizer(model)
-  example = models.example_batch(name, "tiny", batch, shape_only=True)
+  example = models.example_batch(name, size, batch, shape_only=True)
   args = (model, opt, example)
   return graph_lib.trace(models.train_step(name), *args), args
 
@@ -39,11 +39,14 @@ def llama():
   return (*_trace("llama_7b"), {})
 
 
-def _tables(graph, config, cache, limit=None):
+def _tables(graph, config, cache, limit=None, objective="runtime"):
+  """The tables the search builds for `config` under `objective`: under "runtime" the
+  memory is the runtime model of the configuration's executor."""
   return cost.build_cost_tables(
       graph, CPU8, mesh=config.mesh, num_stages=config.num_stages,
       num_microbatches=config.num_microbatches, global_batch=graph.batch_size,
-      schedule=config.schedule, memory_limit_bytes=limit, cache=cache)
+      schedule=config.schedule, memory_limit_bytes=limit, cache=cache,
+      executor=config.executor if objective == "runtime" else None)
 
 
 def _random_assignment(tables, rng):
@@ -89,11 +92,13 @@ def test_runtime_bounds_are_below_the_runtime_of_any_assignment(model, request):
     level0 = search._runtime_flops_bound(config, flops, batch)
     level2 = search._runtime_layer_bound(layers, config, CPU8, cache)
     cap = tables.memory_limit_bytes - tables.reserve_bytes
-    with_memory = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=cap)
+    with_memory = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=cap,
+                                              executor=config.executor)
     of_tables = search.runtime_lower_bound(tables)
     positions = search._runtime_position_bound(layers, config, CPU8, cache)
     positions_memory = search._runtime_position_bound(layers, config, CPU8, cache,
-                                                      memory_cap=cap)
+                                                      memory_cap=cap,
+                                                      executor=config.executor)
     assert positions >= level2 and positions_memory >= with_memory, config.describe()
     problem = search.to_problem(tables)
     sol = solver.solve(problem)
@@ -138,7 +143,8 @@ def test_memory_aware_bound_is_sound_and_tighter_under_a_tight_limit(gpt2):
                               microbatch=batch // config.num_microbatches, cache=cache)
     plain = search._runtime_layer_bound(layers, config, CPU8, cache)
     cap = limit - cost.reserve_bytes(layers)
-    bound = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=cap)
+    bound = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=cap,
+                                        executor=config.executor)
     tighter += bound > plain * TOL
     assignments = [(sol.choice, sol.stage)] + [_random_assignment(tables, rng)
                                                for _ in range(20)]
@@ -160,10 +166,11 @@ def test_position_bound_is_never_looser_and_often_tighter(gpt2):
     layers = cost.layer_costs(graph, CPU8, mesh=config.mesh,
                               microbatch=batch // config.num_microbatches, cache=cache)
     cap = CPU8.memory_bytes - cost.reserve_bytes(layers)
-    for memory_cap in (None, cap):
-      old = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=memory_cap)
+    for memory_cap, executor in ((None, None), (cap, None), (cap, config.executor)):
+      old = search._runtime_layer_bound(layers, config, CPU8, cache, memory_cap=memory_cap,
+                                        executor=executor)
       new = search._runtime_position_bound(layers, config, CPU8, cache,
-                                           memory_cap=memory_cap)
+                                           memory_cap=memory_cap, executor=executor)
       assert new >= old, config.describe()
       tighter += new > old * TOL
   assert tighter > 0
@@ -344,3 +351,147 @@ def test_a_warm_start_from_elsewhere_is_refused(gpt2, baseline):
   got = search.plan_graph(graph, CPU8, args=args, objective="paper", incumbent=unpriced,
                           cache=cache)
   assert got.predicted.step_time_s <= baseline.predicted.step_time_s * TOL
+
+
+# The solver's memory under "runtime": the per-layer runtime model.
+
+
+def _paper_and_runtime(graph, config, cache, limit=None):
+  return (_tables(graph, config, cache, limit, objective="paper"),
+          _tables(graph, config, cache, limit, objective="runtime"))
+
+
+def test_paper_tables_keep_the_paper_memory(gpt2):
+  """executor=None (objective "paper", the baselines) is the paper's memory exactly:
+  each layer's activations times the micro-batches in flight on its stage."""
+  graph, _, cache = gpt2
+  for config in search.configurations(graph, CPU8, pp=2, global_batch=graph.batch_size):
+    if config.num_microbatches not in (2, 8):
+      continue
+    tables = _tables(graph, config, cache, objective="paper")
+    assert tables.executor is None
+    for l in tables.layers:
+      for s, row in enumerate(tables.memory_by_stage(l.name)):
+        f = cost.microbatches_in_flight(config.schedule, config.num_microbatches, 2, s)
+        assert row == l.memory_bytes(f, True)
+
+
+def test_runtime_memory_is_far_below_the_papers_for_gpipe_with_many_microbatches(gpt2):
+  """GPipe's executor holds one micro-batch's activations and a stash of stage inputs,
+  not M micro-batches' activations: per layer the runtime model charges less than the
+  paper's on every stage once M is large, and equal on one stage and micro-batch."""
+  graph, _, cache = gpt2
+  config = next(c for c in search.configurations(graph, CPU8, pp=2, num_microbatches=16,
+                                                 schedule="gpipe",
+                                                 global_batch=graph.batch_size))
+  paper, runtime = _paper_and_runtime(graph, config, cache)
+  assert runtime.executor == "gpipe-remat"
+  lower = 0
+  for l in runtime.layers:
+    p = paper.layer(l.name)
+    for k, cand in enumerate(l.candidates):
+      kp = p.candidates.index(cand) if cand in p.candidates else None
+      if kp is None:
+        continue
+      got = runtime.memory_by_stage(l.name)[0][k]
+      lower += got < min(row[kp] for row in paper.memory_by_stage(l.name))
+  assert lower > 0
+  one = next(c for c in search.configurations(graph, CPU8, pp=1, num_microbatches=1,
+                                              global_batch=graph.batch_size))
+  paper, runtime = _paper_and_runtime(graph, one, cache)
+  assert [paper.memory_by_stage(l.name) for l in paper.layers] == [
+      runtime.memory_by_stage(l.name) for l in runtime.layers]
+
+
+@pytest.fixture(scope="module")
+def llama_paper():
+  """Llama-7B at its paper size, 64 samples: 32 blocks whose activations dwarf their
+  inputs, where the paper's M x activations matter."""
+  return (*_trace("llama_7b", batch=64, size="paper"), {})
+
+
+def test_runtime_solves_a_gpipe_configuration_the_paper_memory_rules_out(llama_paper):
+  """pp=2, 32 micro-batches, GPipe, under a limit between the two models' least
+  figures: the paper's memory has no feasible assignment, the runtime model's has, and
+  the plan the search returns fits the limit at runtime (`cost.runtime_memory_bytes`).
+  The limit: halfway between the least memory each model's search reports."""
+  graph, args, cache = llama_paper
+  knobs = dict(pp=2, num_microbatches=32, schedule="gpipe")
+  configs = search.configurations(graph, CPU8, global_batch=graph.batch_size, **knobs)
+  least = {}
+  for objective in ("paper", "runtime"):
+    # The least per-device memory any assignment needs under the model: the solver's
+    # least peak under a limit nothing meets, plus the memory kept free.
+    least[objective] = min(
+        solver.solve(dataclasses.replace(search.to_problem(tables), memory_limit=1.0)
+                     ).min_peak_memory + tables.reserve_bytes
+        for tables in (_tables(graph, c, cache, objective=objective) for c in configs))
+  assert least["runtime"] < least["paper"]
+  limit = (least["runtime"] + least["paper"]) / 2
+  for config in configs:
+    paper = _tables(graph, config, cache, limit, objective="paper")
+    if _usable(paper):
+      assert solver.solve(search.to_problem(paper)).status == "infeasible", config.describe()
+  with pytest.raises(search.InfeasibleError):
+    search.plan_graph(graph, CPU8, objective="paper", memory_limit_bytes=limit,
+                      cache=cache, **knobs)
+  plan = search.plan_graph(graph, CPU8, objective="runtime", memory_limit_bytes=limit,
+                           cache=cache, **knobs)
+  assert plan.solver.status == "optimal"
+  assert max(plan.predicted.runtime_memory_per_device_bytes) <= limit * (
+      1 + solver.MEMORY_RTOL)
+  # The solver's own figure (its constraint, with the transient) fits as well.
+  assert max(plan.predicted.memory_per_device_bytes) <= limit * (1 + solver.MEMORY_RTOL)
+
+
+def test_runtime_memory_checks_agree_with_the_runtime_tables(gpt2):
+  """Under "runtime" the search's exact and relaxed memory tests (`_check_layers` with
+  the executor) rule out only configurations whose runtime tables have no feasible
+  assignment, and their bounds stay below the solved configurations' runtime."""
+  graph, _, _ = gpt2
+  cache, batch, limit = {}, graph.batch_size, 1.2e6
+  configs = search.configurations(graph, CPU8, pp=2, global_batch=batch)
+  configs += search.configurations(graph, CPU8, pp=1, global_batch=batch)
+  loop = search._Search(graph=graph, cluster=CPU8, configs=configs, cache=cache,
+                        limit=limit, memory_limit_bytes=limit, global_batch=batch,
+                        deadline=math.inf, progress=None, objective="runtime")
+  statuses = set()
+  for config in configs:
+    tables = _tables(graph, config, cache, limit)
+    scaled = loop._check(config, exact=False)
+    exact = loop._check(config, exact=True)
+    if not _usable(tables):
+      assert not exact.feasible, config.describe()
+      statuses.add("infeasible")
+      continue
+    sol = solver.solve(search.to_problem(tables))
+    statuses.add(sol.status)
+    if sol.status == "infeasible":
+      continue
+    assert scaled.feasible and exact.feasible, config.describe()
+    runtime = cost.runtime_step_time_s(tables, sol.choice, sol.stage,
+                                       executor=config.executor)
+    assert exact.bound <= runtime * TOL, config.describe()
+    assert search.runtime_lower_bound(tables) <= runtime * TOL, config.describe()
+  assert statuses == {"optimal", "infeasible"}
+
+
+def test_runtime_memory_scaled_from_a_larger_microbatch_bounds_the_smaller_ones(gpt2):
+  """The relaxed test's scaling holds for the runtime model: per layer, the leanest
+  candidate's runtime memory at b samples is at least that at B > b with its
+  batch-proportional terms scaled by b / B."""
+  from uniap_jax import strategies
+  graph, _, cache = gpt2
+  for mesh in strategies.mesh_shapes(CPU8, 4)[:3]:
+    big = cost.layer_costs(graph, CPU8, mesh=mesh, microbatch=16, cache=cache)
+    produced = {v for l in big for v in l.output_ids}
+    for small_b in (1, 4):
+      small = cost.layer_costs(graph, CPU8, mesh=mesh, microbatch=small_b, cache=cache)
+      for m in (2, 16):
+        for lb, ls in zip(big, small):
+          for executor in ("gpipe-remat", "1f1b"):
+            kw = dict(executor=executor, num_stages=2, num_microbatches=m,
+                      produced=produced)
+            want = min(cost.runtime_layer_memory_bytes(ls, **kw))
+            got = min(cost.runtime_layer_memory_bytes(lb, batch_scale=small_b / 16, **kw))
+            assert got <= want * (1 + 1e-9), (lb.name, small_b, m, executor)

@@ -84,7 +84,10 @@ class Predicted:
     communication_time_s: the slowest stage's intra-stage communication per micro-batch.
     bubble_time_s: the part of step_time_s that is pipeline fill and drain.
     throughput: samples per second (global batch / step_time_s).
-    memory_per_device_bytes: peak memory of one device, one entry per stage.
+    memory_per_device_bytes: memory of one device, one entry per stage, as the
+      solver's per-layer constraint sums it: UniAP's model under objective="paper",
+      a per-layer stand-in for the runtime's under "runtime" (what `plan.apply`
+      holds is `runtime_memory_per_device_bytes`).
     mfu: model FLOPs utilisation: model FLOPs per step / (step_time_s x devices x peak).
     collectives: bytes one device moves in one step, per collective kind, as this
       package's runtime issues them (`plan.apply` with the plan's schedule, run by
@@ -402,7 +405,7 @@ class Plan:
                    f"step ({p.runtime_step_time_s / p.step_time_s:.2f}x the UniAP objective)")
     if p.runtime_memory_per_device_bytes:
       lines.append(f"  it holds {format_bytes(max(p.runtime_memory_per_device_bytes))} per "
-                   f"device at most (the UniAP memory: "
+                   f"device at most (the solver's per-layer memory: "
                    f"{format_bytes(max(p.memory_per_device_bytes))})")
     ranked = ("the runtime step time" if self.solver.objective == "runtime"
               else "the UniAP objective")

@@ -37,7 +37,10 @@ from uniap_jax.cost._tables import SCHEDULES as SCHEDULES
 from uniap_jax.cost._tables import build_cost_tables as build_cost_tables
 from uniap_jax.cost._tables import flops_time_bounds as flops_time_bounds
 from uniap_jax.cost._tables import layer_costs as layer_costs
+from uniap_jax.cost._tables import layer_memory_bytes as layer_memory_bytes
 from uniap_jax.cost._tables import microbatches_in_flight as microbatches_in_flight
 from uniap_jax.cost._tables import over_limit as over_limit
 from uniap_jax.cost._tables import reserve_bytes as reserve_bytes
+from uniap_jax.cost._tables import runtime_layer_memory_bytes as runtime_layer_memory_bytes
+from uniap_jax.cost._tables import runtime_reserve_bytes as runtime_reserve_bytes
 from uniap_jax.cost._tables import stack_key as stack_key

@@ -25,6 +25,11 @@ sum does not know about:
     `jax.vjp` recomputes the stage from its stashed input);
   - the cotangents of the model's outputs for all M micro-batches.
 
+The solver cannot sum this figure per layer (it is the same on every device and
+takes maxima over stages and positions); under objective="runtime" its constraint
+sums `cost.runtime_layer_memory_bytes` instead, a per-layer stand-in built from the
+same terms (tables built with `executor=`), and the search checks this figure last.
+
 `runtime_memory_bytes` sums these from the cost tables' per-candidate numbers
 (`LayerCosts.state_bytes`, `grad_bytes`, `activation_bytes`, `temp_bytes`, the
 boundary values' bytes, and the positions, stacks and buffer slots `cost._predict`
@@ -93,8 +98,10 @@ def stash_slots(executor: str, num_stages: int, num_microbatches: int) -> int:
 
 def linear_memory_bytes(tables: _tables.CostTables, choice: Mapping[str, int],
                         stage_of: Mapping[str, int] | None = None) -> tuple[int, ...]:
-  """Per stage, the paper's memory of the stage's own layers (`memory_by_stage`, what
-  the solver's constraint sums) plus the largest transient working set among them."""
+  """Per stage, the per-layer memory of the stage's own layers (`memory_by_stage`, what
+  the solver's constraint sums: the paper's, or the runtime model's per-layer stand-in
+  when the tables have an `executor`) plus the largest transient working set among
+  them."""
   stage_of = stage_of or {l.name: 0 for l in tables.layers}
   out = []
   for s in range(tables.num_stages):
@@ -114,7 +121,8 @@ def runtime_memory_bytes(tables: _tables.CostTables, choice: Mapping[str, int],
   """Per stage, peak bytes per device of the step `plan.apply` runs with `executor`.
 
   With one stage and one micro-batch nothing is pipelined: the plain jitted step holds
-  what the paper's memory charges (`linear_memory_bytes`). Otherwise the lockstep
+  what the paper's memory charges (`linear_memory_bytes`; both of the tables' memory
+  models agree there). Otherwise the lockstep
   program's buffers (see the module docstring), the same on every device, at the
   larger of two moments. While the pipeline's backward loop runs:
 

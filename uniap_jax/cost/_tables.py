@@ -19,12 +19,27 @@ stage's summed step_time_s. `solver_time_s` folds the step cost into a per-micro
 batch figure, microbatch_time_s + step_time_s / c, which keeps the solver's objective
 linear: the sum-over-stages part then carries sum(step)/c and the (c - 1) x bottleneck
 part carries (c - 1)/c of the bottleneck stage's step, together close to the step
-cost of the bottleneck stage for any c. Memory: `memory_by_stage(i)[s][k]` =
-parameters + optimizer state + gradients + (activations + batch leaves) x
-micro-batches in flight on stage s (with one micro-batch, the larger of gradients
-and activations: gradients appear as the backward frees activations);
+cost of the bottleneck stage for any c.
+
+Memory, `memory_by_stage(i)[s][k]`, bytes per device of layer i under candidate k
+on stage s, in one of two models (the tables' `executor`):
+
+  paper (executor None, the default: objective="paper", the baselines): parameters +
+      optimizer state + gradients + (activations + batch leaves) x micro-batches in
+      flight on stage s (`microbatches_in_flight`; with one micro-batch, the larger
+      of gradients and activations: gradients appear as the backward frees
+      activations). UniAP's per-layer memory.
+  runtime (executor named, objective="runtime"): a per-layer linear stand-in for
+      what `uniap_jax.apply` holds with that executor (`cost.runtime_memory_bytes`),
+      the same on every stage; see `runtime_layer_memory_bytes` for its terms and
+      where it over- and under-charges. With one stage and one micro-batch the step
+      is a plain jit and both models coincide.
+
 `reserve_bytes` is the largest transient working set of any kept candidate, to
-subtract from the per-device limit once.
+subtract from the per-device limit once (in both models); under the runtime model
+`CostTables.reserve_bytes` adds `runtime_reserve_bytes`, what every device holds
+whichever layers its stage runs: a bound on a table executor's stash of stage inputs,
+and the least batch and model-output cotangents of all micro-batches.
 
 Communication is not overlapped with compute (as in UniAP); the collectives are the
 ones XLA compiles for the candidate's layouts, provided the runtime pins them (see
@@ -34,7 +49,7 @@ would lay out differently, e.g. under sequence parallelism).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 import dataclasses
 import hashlib
 import math
@@ -65,6 +80,200 @@ def microbatches_in_flight(schedule: str, num_microbatches: int, num_stages: int
   raise ValueError(f"schedule={schedule!r}; allowed: {', '.join(SCHEDULES)}.")
 
 
+def _produced_ids(layers: Sequence["LayerCosts"]) -> frozenset[int]:
+  """Value ids some layer outputs (the others a layer reads are batch leaves)."""
+  return frozenset(v for l in layers for v in l.output_ids)
+
+
+def _device_wide_bytes(layer: "LayerCosts", produced: Collection[int]) -> np.ndarray:
+  """Per candidate, the local bytes per micro-batch of the batch leaves the layer reads
+  and of its model outputs: what the runtime holds for all M micro-batches on every
+  device, whichever stage the layer is on."""
+  fed = [v in produced for v in layer.input_ids]
+  return np.array([
+      sum(b for b, f in zip(layer.input_local_bytes[k], fed) if not f)
+      + sum(local for _, local in cand.model_outputs)
+      for k, cand in enumerate(layer.candidates)], dtype=np.float64)
+
+
+def runtime_layer_memory_bytes(layer: "LayerCosts", *, executor: str, num_stages: int,
+                               num_microbatches: int, produced: Collection[int],
+                               batch_scale: float = 1.0) -> tuple[float, ...]:
+  """Per candidate, bytes per device the runtime memory model charges one layer, on
+  any stage: a per-layer linear stand-in for `cost.runtime_memory_bytes` that the
+  MIQP's memory constraint can sum over a stage's layers, next to
+  `runtime_reserve_bytes` kept free once per device.
+
+  With one stage and one micro-batch the step is a plain jit: the paper's memory,
+  state + max(gradients, activations). Otherwise, per candidate k:
+
+    state + slot + max(grad, slot)
+        the stored state (the runtime keeps 1/S of every layer's; here all of the
+        stage's), the parameter stacks (`slot`: the candidate's parameters and the
+        tied ones passed to it, `Candidate.tied_bytes`) and their gradients (at
+        least a slot; `grad_bytes` where larger); after the backward loop the stored
+        gradients (grads / S) replace the residuals and are covered as well;
+    residuals
+        a table executor ("gpipe-remat", "fused", "1f1b"): the activations of ONE
+        micro-batch (each backward entry's `jax.vjp` recomputes the stage run);
+        autodiff "gpipe": (M + S - 1) ticks x (activations + slot when the layer
+        reads another layer's output or is recomputed: the parameter slices a tick
+        keeps);
+    batch and outputs, above the least
+        M x (the local bytes of the batch leaves it reads + of its model outputs,
+        `Candidate.model_outputs`) less the least of that over the layer's
+        candidates: all M micro-batches of the batch and of the outputs' cotangents
+        live through the step on EVERY device, so their least part is in the reserve
+        (charged to every stage) and only the candidate's excess to its own stage.
+
+  Kept free once per device instead (`CostTables.reserve_bytes`): the working set
+  (`reserve_bytes`, the largest `temp_bytes`, as in the paper's model) and
+  `runtime_reserve_bytes` (a table executor's stash of stage inputs, bounded over
+  every stage split and candidate, and the least batch and outputs). Charging the
+  stash per layer, (stash_slots + 1) x every layer's inputs, would charge a stage of
+  n blocks n stashes where the runtime keeps one.
+
+  Where the sum over a stage's layers plus the reserve can fall below
+  `runtime_memory_bytes` (the search keeps that as its final check): the lockstep
+  program's figure is the same on every device and takes maxima over stages that no
+  single stage's sum sees: the stacks take the most calls of each kind of any stage,
+  the residuals every position of the stages' common supersequence (stages that
+  recompute different layers run the union of both kinds of positions), and a
+  candidate's batch and outputs above the least count on its own stage only. With
+  alike stages (a transformer's blocks) the busiest stage's sum covers it; with one
+  stage it does (up to a candidate whose parameter bytes exceed its state's lead
+  over one that dominates it in the Pareto pruning). Where it over-charges: the
+  stored state in full (the runtime keeps 1/S of the model's, about one stage's),
+  max(grad, slot) for gradients the size of a slot, and the stash bound (every
+  crossing value at its largest layout).
+
+  Args:
+    layer: the layer's costs.
+    executor: the pipeline executor (`cost.EXECUTORS`).
+    num_stages / num_microbatches: the configuration.
+    produced: value ids any layer of the graph outputs (`output_ids`).
+    batch_scale: multiplies the terms proportional to the micro-batch (activations,
+      batch, outputs): b / B bounds them from below for layers costed at a larger
+      micro-batch B (`search`'s relaxed test).
+  Returns:
+    One figure per candidate, bytes per device.
+  Raises:
+    ValueError: an unknown executor, or a layer without `input_local_bytes`.
+  """
+  from uniap_jax.cost import _memory  # here: _memory imports this module
+  s, m = num_stages, num_microbatches
+  _memory.stash_slots(executor, s, m)  # validates the executor
+  if s == 1 and m == 1:
+    return tuple(st + max(g, a * batch_scale) for st, g, a in
+                 zip(layer.state_bytes, layer.grad_bytes, layer.activation_bytes))
+  if len(layer.input_local_bytes) != len(layer.candidates):
+    raise ValueError(
+        f"Layer {layer.name!r} has input_local_bytes for {len(layer.input_local_bytes)} "
+        f"of its {len(layer.candidates)} candidates; build it with "
+        "cost.build_cost_tables or cost.layer_costs.")
+  if not layer.candidates:
+    return ()
+  wide = _device_wide_bytes(layer, produced)
+  excess = wide - wide.min()
+  fed = any(v in produced for v in layer.input_ids)
+  out = []
+  for k, cand in enumerate(layer.candidates):
+    slot = cand.param_bytes + sum(cand.tied_bytes)
+    fixed = layer.state_bytes[k] + slot + max(layer.grad_bytes[k], slot)
+    act = layer.activation_bytes[k]
+    if executor == "gpipe":
+      fixed += (m + s - 1) * slot if (cand.recompute or fed) else 0.0
+      varying = (m + s - 1) * act
+    else:
+      varying = act
+    out.append(fixed + batch_scale * (varying + m * float(excess[k])))
+  return tuple(out)
+
+
+def runtime_reserve_bytes(layers: Sequence["LayerCosts"], mesh: strategies.MeshShape, *,
+                          executor: str | None, num_stages: int, num_microbatches: int,
+                          stash_layers: Sequence["LayerCosts"] | None = None) -> float:
+  """Bytes per device the runtime memory model keeps free once, besides the working
+  set (`reserve_bytes`): 0 under the paper's model (executor None) and with one stage
+  and one micro-batch; else
+
+    stash     a table executor's (not autodiff "gpipe"'s, one stage's neither)
+              (stash_slots + 1) x its buffer slots (`cost.runtime_memory_bytes`): one
+              slot per value crossing a stage boundary (a layer's output read on a
+              later stage, a model output made before the last stage), slots shared
+              across boundaries between values of one full size. So for each full
+              size n, at most the most values of size n crossing any one cut, each
+              at most the largest local bytes of a value of size n under any
+              candidate's layout: a bound for any split into non-empty stages and
+              any candidates;
+    batch and outputs
+              M x the sum over layers of the least, over their candidates, local
+              bytes of the batch leaves read and of the model outputs
+              (`runtime_layer_memory_bytes` charges each candidate's excess).
+
+  The least batch and outputs go with the rows charging each candidate's excess, so
+  they are taken on the same layers (`CostTables.layers`); the stash bound holds for
+  any subset of `stash_layers`' candidates (default `layers`): `build_cost_tables`
+  takes it on every candidate kept before its configuration's view, so that the
+  search's checks on those layers charge the same stash.
+  """
+  if executor is None or (num_stages == 1 and num_microbatches == 1):
+    return 0.0
+  from uniap_jax.cost import _memory  # here: _memory imports this module
+  slots = _memory.stash_slots(executor, num_stages, num_microbatches)
+  produced = _produced_ids(layers)
+  wide = sum(float(_device_wide_bytes(l, produced).min()) for l in layers if l.candidates)
+  total = num_microbatches * wide
+  if executor == "gpipe" or num_stages == 1:
+    return total
+  sizes = mesh.sizes
+  layers = layers if stash_layers is None else stash_layers
+  made = {v: i for i, l in enumerate(layers) for v in l.output_ids}
+  last_read: dict[int, int] = {}
+  for i, l in enumerate(layers):
+    for v in l.input_ids:
+      if v in made and made[v] < i:
+        last_read[v] = max(last_read.get(v, i), i)
+  n = len(layers)
+  crossing: list[tuple[int, int, float]] = []  # (made at, last read at, full bytes)
+  local: dict[float, float] = {}  # full bytes -> the most local bytes of such a value
+  for i, l in enumerate(layers):
+    if not l.candidates:
+      continue
+    for j, v in enumerate(l.output_ids):
+      if v in last_read:
+        full = l.output_nbytes[j]
+        crossing.append((i, last_read[v], full))
+        local[full] = max(local.get(full, 0.0), max(
+            full / strategies.shard_count(c.output_layouts[j], sizes) for c in l.candidates))
+    for j, (full, _) in enumerate(l.candidates[0].model_outputs):
+      crossing.append((i, n, full))  # rides to the last stage
+      local[full] = max(local.get(full, 0.0),
+                        max(c.model_outputs[j][1] for c in l.candidates))
+  most: dict[float, int] = {}
+  for cut in range(1, n):  # stages [..., cut) and [cut, ...): a boundary before layer cut
+    count: dict[float, int] = {}
+    for first, last, full in crossing:
+      if first < cut <= last:
+        count[full] = count.get(full, 0) + 1
+    for full, k in count.items():
+      most[full] = max(most.get(full, 0), k)
+  return total + (slots + 1) * sum(k * local[full] for full, k in most.items())
+
+
+def layer_memory_bytes(layer: "LayerCosts", *, schedule: str, num_microbatches: int,
+                       num_stages: int, stage: int, executor: str | None = None,
+                       produced: Collection[int] = ()) -> tuple[float, ...]:
+  """Per candidate, the memory `CostTables.memory_by_stage` charges a layer on `stage`:
+  the paper's (executor None) or the runtime model's (`runtime_layer_memory_bytes`)."""
+  if executor is None:
+    return layer.memory_bytes(
+        microbatches_in_flight(schedule, num_microbatches, num_stages, stage),
+        num_microbatches > 1)
+  return runtime_layer_memory_bytes(layer, executor=executor, num_stages=num_stages,
+                                    num_microbatches=num_microbatches, produced=produced)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class LayerCosts:
   """The Pareto-optimal candidates of one layer, with their costs (per device).
@@ -87,6 +296,9 @@ class LayerCosts:
       (`stack_key`): the same forward computation over the same parameters (paths
       relative to the layer). Coarser than `signature`, which also tells apart the
       backward ops autodiff attributes to the first reader of a shared input.
+    input_local_bytes: per candidate, per boundary input (`input_ids`), its bytes per
+      device and micro-batch in the candidate's input layout (the runtime memory
+      model's stash and batch terms).
   """
 
   name: str
@@ -105,6 +317,7 @@ class LayerCosts:
   temp_bytes: tuple[float, ...]
   num_costed: int
   stack_key: str = ""
+  input_local_bytes: tuple[tuple[float, ...], ...] = ()
 
   def memory_bytes(self, in_flight: int, accumulate: bool = True) -> tuple[float, ...]:
     """Per candidate, bytes per device with `in_flight` micro-batches' activations.
@@ -159,10 +372,13 @@ class CostTables:
       (microbatch_size counts samples of the whole micro-batch, all stage devices).
     layers / edges: in graph order.
     memory_limit_bytes: per device.
-    reserve_bytes: transient memory to keep free on every device (see module doc).
+    reserve_bytes: memory to keep free on every device (see module doc): the largest
+      transient working set, plus under the runtime model `runtime_reserve_bytes`.
     over_limit: (layer name, least memory in bytes it reaches, on stage 0) for layers
       with no candidate under the limit.
     unsupported: primitive -> "layer @ source" for primitives kept replicated.
+    executor: None for the paper's memory model; else the pipeline executor whose
+      runtime memory `memory_by_stage` models (see the module docstring).
   """
 
   mesh: strategies.MeshShape
@@ -177,6 +393,7 @@ class CostTables:
   reserve_bytes: float
   over_limit: tuple[tuple[str, float], ...]
   unsupported: Mapping[str, str]
+  executor: str | None = None
 
   def layer(self, name: str) -> LayerCosts:
     for l in self.layers:
@@ -185,8 +402,15 @@ class CostTables:
     raise KeyError(f"No layer {name!r}; layers are {[l.name for l in self.layers]}.")
 
   def memory_by_stage(self, name: str) -> tuple[tuple[float, ...], ...]:
-    """[stage][candidate] bytes per device of one layer placed on that stage."""
+    """[stage][candidate] bytes per device of one layer placed on that stage, in the
+    tables' memory model (see the module docstring)."""
     l = self.layer(name)
+    if self.executor is not None:
+      row = runtime_layer_memory_bytes(
+          l, executor=self.executor, num_stages=self.num_stages,
+          num_microbatches=self.num_microbatches,
+          produced=_produced_ids(self.layers))
+      return (row,) * self.num_stages
     return tuple(l.memory_bytes(microbatches_in_flight(
         self.schedule, self.num_microbatches, self.num_stages, s), self.num_microbatches > 1)
                  for s in range(self.num_stages))
@@ -202,10 +426,12 @@ class CostTables:
     if not self.over_limit:
       return
     worst = ", ".join(f"{n!r} needs {b / _GIB:.2f} GiB" for n, b in self.over_limit)
+    model = ("the paper's memory model" if self.executor is None else
+             f"the runtime memory model of executor {self.executor!r}")
     raise ValueError(
         f"No candidate fits under {self.memory_limit_bytes / _GIB:.2f} GiB per device on "
         f"{self.mesh.as_dict()} with {self.num_microbatches} micro-batch(es) of "
-        f"{self.microbatch_size}: {worst} at least. Try more devices per stage, more "
+        f"{self.microbatch_size} ({model}): {worst} at least. Try more devices per stage, more "
         "stages, schedule='1f1b', smaller micro-batches, or memory_limit_bytes= if the "
         "limit is wrong.")
 
@@ -262,7 +488,7 @@ def build_cost_tables(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
                       num_microbatches: int = 1, global_batch: int | None = None,
                       schedule: str = "gpipe", memory_limit_bytes: float | None = None,
                       recompute: bool | None = None, prune: bool = True,
-                      cache: dict | None = None) -> CostTables:
+                      cache: dict | None = None, executor: str | None = None) -> CostTables:
   """Costs every layer's candidates and every edge for one configuration.
 
   Layers with the same signature are costed once. Candidates are pruned to the Pareto
@@ -282,13 +508,21 @@ def build_cost_tables(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
       False pins it.
     prune: keep only Pareto-optimal candidates.
     cache: a dict reused across calls (same graph and cluster) to share layer costs.
+    executor: None keeps the paper's memory model; a pipeline executor
+      (`cost.EXECUTORS`, e.g. `plans.runtime_executor(schedule, num_stages,
+      num_microbatches)`) makes the memory, the over-limit check and the Pareto view
+      follow the runtime memory model of that executor (see the module docstring).
   Returns:
     The CostTables.
   Raises:
-    ValueError: stages and mesh do not cover the cluster, or the batch does not split.
+    ValueError: stages and mesh do not cover the cluster, the batch does not split,
+      or an unknown executor.
   """
   if schedule not in SCHEDULES:
     raise ValueError(f"schedule={schedule!r}; allowed: {', '.join(SCHEDULES)}.")
+  if executor is not None:
+    from uniap_jax.cost import _memory  # here: _memory imports this module
+    _memory.stash_slots(executor, num_stages, num_microbatches)  # validates it
   if num_stages * mesh.num_devices != cluster.num_devices:
     raise ValueError(
         f"num_stages={num_stages} x {mesh.num_devices} devices per stage "
@@ -309,18 +543,29 @@ def build_cost_tables(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
     warnings.warn(f"No sharding rule for {prim!r} ({where}): kept replicated; add one in "
                   "uniap_jax/strategies/_rules.py.", stacklevel=2)
   edges = _all_edge_costs(graph, layers, mesh, cluster, cache)
+  costed = layers
+  runtime = lambda ls: runtime_reserve_bytes(ls, mesh, executor=executor,
+                                             num_stages=num_stages,
+                                             num_microbatches=num_microbatches,
+                                             stash_layers=costed)
   reserve = reserve_bytes(layers)
+  # On every candidate kept; the view's reserve below is at least this one.
   over = over_limit(layers, schedule=schedule, num_microbatches=num_microbatches,
-                    num_stages=num_stages, limit_bytes=limit)
+                    num_stages=num_stages, limit_bytes=limit, executor=executor,
+                    reserved_bytes=runtime(layers))
   pipelined = num_stages > 1 or num_microbatches > 1
   if prune or pipelined:
     layers, edges = _configuration_view(layers, edges, num_microbatches, cache,
-                                        prune=prune, pipelined=pipelined)
+                                        prune=prune, pipelined=pipelined,
+                                        executor=executor if pipelined else None)
+  # The runtime model's reserve goes with the rows the solver sums: the view's.
+  reserve += runtime(layers)
   return CostTables(mesh=mesh, cluster=cluster, num_stages=num_stages,
                     num_microbatches=num_microbatches, microbatch_size=microbatch,
                     schedule=schedule, layers=tuple(layers), edges=edges,
                     memory_limit_bytes=float(limit), reserve_bytes=reserve,
-                    over_limit=tuple(over), unsupported=dict(unsupported))
+                    over_limit=tuple(over), unsupported=dict(unsupported),
+                    executor=executor)
 
 
 def layer_costs(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
@@ -391,13 +636,19 @@ def reserve_bytes(layers: Sequence[LayerCosts]) -> float:
 
 
 def over_limit(layers: Sequence[LayerCosts], *, schedule: str, num_microbatches: int,
-               num_stages: int, limit_bytes: float) -> tuple[tuple[str, float], ...]:
-  """(layer, least bytes) for layers with no candidate under the limit on stage 0."""
-  in_flight = microbatches_in_flight(schedule, num_microbatches, num_stages, 0)
+               num_stages: int, limit_bytes: float, executor: str | None = None,
+               reserved_bytes: float = 0.0) -> tuple[tuple[str, float], ...]:
+  """(layer, least bytes) for layers with no candidate under the limit on stage 0, in
+  the paper's memory model (executor None) or the runtime model of `executor`, with
+  `reserved_bytes` (the runtime model's, `runtime_reserve_bytes`) held besides."""
+  produced = _produced_ids(layers) if executor is not None else ()
   over = []
   for l in layers:
-    least = min((m + t for m, t in zip(l.memory_bytes(in_flight, num_microbatches > 1),
-                                       l.temp_bytes)), default=math.inf)
+    memory = layer_memory_bytes(l, schedule=schedule, num_microbatches=num_microbatches,
+                                num_stages=num_stages, stage=0, executor=executor,
+                                produced=produced)
+    least = min((m + t for m, t in zip(memory, l.temp_bytes)),
+                default=math.inf) + reserved_bytes
     if least > limit_bytes:
       over.append((l.name, least))
   return tuple(over)
@@ -435,7 +686,7 @@ def _layer_costs(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
     shared = cache.get(shared_key)
     if shared is None:
       shared = cache[shared_key] = _cost_layer(ir, mesh, cluster, recompute, prune)
-    cands, micro, step, state, grads, act, temp, costed = shared
+    cands, micro, step, state, grads, act, temp, costed, local_in = shared
     paths = {p.value_id: p.path for p in layer.params}
     layers.append(LayerCosts(
         name=layer.name, signature=layer.signature, candidates=cands,
@@ -446,7 +697,7 @@ def _layer_costs(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
         output_nbytes=tuple(float(ir.values[v].nbytes) for v in ir.output_ids),
         microbatch_time_s=micro, step_time_s=step, state_bytes=state, grad_bytes=grads,
         activation_bytes=act, temp_bytes=temp, num_costed=costed,
-        stack_key=stack_key(layer)))
+        stack_key=stack_key(layer), input_local_bytes=local_in))
   got = cache[key] = (tuple(layers), tuple(sorted(unsupported.items())))
   return got
 
@@ -493,7 +744,7 @@ def _all_edge_costs(graph: graph_lib.LayerGraph, layers: Sequence[LayerCosts],
 
 def _configuration_view(layers: tuple[LayerCosts, ...], edges: tuple[EdgeCosts, ...],
                         num_microbatches: int, cache: dict, *, prune: bool = True,
-                        pipelined: bool = False
+                        pipelined: bool = False, executor: str | None = None
                         ) -> tuple[tuple[LayerCosts, ...], tuple[EdgeCosts, ...]]:
   """The candidates one configuration can prefer (`prune`) and run as charged
   (`pipelined`), with their edges' rows.
@@ -508,15 +759,19 @@ def _configuration_view(layers: tuple[LayerCosts, ...], edges: tuple[EdgeCosts, 
   A candidate dominated in those (two or three numbers, not the five kept per mesh)
   by one with the same boundary layouts, hence the same edge costs, is never needed.
   The reserve and the memory checks are taken before this, on every kept candidate.
+  Under the runtime memory model (`executor`) a candidate's memory is state + slot +
+  max(gradients, slot) + a multiple of its activations + terms fixed by its boundary
+  layouts (`runtime_layer_memory_bytes`), so the memory objectives are those two
+  (and the slot apart under autodiff "gpipe", which charges it per tick).
   """
-  key = ("view", id(layers), num_microbatches, prune, pipelined)
+  key = ("view", id(layers), num_microbatches, prune, pipelined, executor)
   got = cache.get(key)
   if got is not None and got[0] is layers:
     return got[1]
   c = num_microbatches
   keep_of: dict[int, list[int]] = {}  # id(candidates) -> kept indices
   fields = ("candidates", "microbatch_time_s", "step_time_s", "state_bytes", "grad_bytes",
-            "activation_bytes", "temp_bytes")
+            "activation_bytes", "temp_bytes", "input_local_bytes")
   picked: dict[int, dict[str, tuple] | None] = {}
   out_layers = []
   for l in layers:
@@ -524,7 +779,11 @@ def _configuration_view(layers: tuple[LayerCosts, ...], edges: tuple[EdgeCosts, 
       time = np.asarray(l.microbatch_time_s) + np.asarray(l.step_time_s) / c
       state, grad = np.asarray(l.state_bytes), np.asarray(l.grad_bytes)
       act = np.asarray(l.activation_bytes)
-      if c > 1:
+      if executor is not None:
+        slot = np.array([cand.param_bytes + sum(cand.tied_bytes) for cand in l.candidates])
+        columns = [time, state + slot + np.maximum(grad, slot), act]
+        objectives = np.stack(columns + ([slot] if executor == "gpipe" else []), axis=1)
+      elif c > 1:
         objectives = np.stack([time, state + grad, act], axis=1)
       else:
         objectives = np.stack([time, state + np.maximum(grad, act)], axis=1)
@@ -566,7 +825,7 @@ def _cost_layer(ir: strategies.LayerIR, mesh: strategies.MeshShape,
   cands = strategies.layer_candidates(ir, mesh, recompute=recompute, warn=False,
                                       platform=cluster.platform)
   if not cands:
-    return (), (), (), (), (), (), (), 0
+    return (), (), (), (), (), (), (), 0, ()
   times = [_candidate_times(c, mesh, cluster) for c in cands]
   traced_optimizer = bool(ir.opt_state_ids) or any(o.op.phase == "optimizer" for o in ir.ops)
   sixteen_bit = all(ir.values[v].itemsize == 2 for v in ir.param_ids) and bool(ir.param_ids)
@@ -592,8 +851,12 @@ def _cost_layer(ir: strategies.LayerIR, mesh: strategies.MeshShape,
     keep = sorted(i for idx in groups.values() for i in
                   (idx[j] for j in _pareto(objectives[idx])))
   column = lambda j: tuple(float(rows[i, j]) for i in keep)
+  sizes = mesh.sizes
+  local_in = tuple(
+      tuple(float(ir.values[v].nbytes) / strategies.shard_count(lay, sizes)
+            for v, lay in zip(ir.input_ids, cands[i].input_layouts)) for i in keep)
   return (tuple(cands[i] for i in keep), column(0), column(1), column(2), column(3),
-          column(4), column(5), len(cands))
+          column(4), column(5), len(cands), local_in)
 
 
 def _edge_costs(edge: graph_lib.Edge, layers: Mapping[str, LayerCosts],

@@ -28,10 +28,13 @@ What "best" means (`objective=`):
     The solver gets no cutoff under "runtime" (the runtime incumbent is on another
     scale, and no paper objective provably separates the assignments whose runtime
     could beat it); configurations are pruned by runtime bounds alone. Memory, too,
-    is checked as the runtime holds it: under "runtime" an assignment whose
-    `cost.runtime_memory_bytes` (parameter stacks, stage buffers, the executor's
-    residuals or stash) exceeds the limit cannot be the plan; "paper" checks the
-    paper's per-layer memory only, which the solver's constraint enforces.
+    follows the runtime under "runtime": the solver's constraint sums a per-layer
+    stand-in for what the executor holds (`cost.runtime_layer_memory_bytes`, with
+    `CostTables.reserve_bytes` kept free: one micro-batch's activations where the
+    executor recomputes from stashed stage inputs, not the paper's micro-batches in
+    flight), and an assignment whose `cost.runtime_memory_bytes` (parameter stacks,
+    stage buffers, the executor's residuals or stash) exceeds the limit cannot be the
+    plan. "paper" uses the paper's per-layer memory only.
 
 Pruning: building every configuration's tables would dominate on large clusters
 (hundreds of configurations, each with its own mesh and micro-batch size), so each

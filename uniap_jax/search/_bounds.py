@@ -88,11 +88,65 @@ def _least_bottleneck(times: Sequence[float], num_stages: int) -> float:
   return lo
 
 
+def stash_bytes(layers: Sequence[cost.LayerCosts], config: Config,
+                executor: str | None) -> float:
+  """What the runtime memory model keeps free besides the working set
+  (`cost.runtime_reserve_bytes`: the stash, the least batch and outputs; 0 under the
+  paper's model), for layers costed at this configuration's micro-batch: at most what
+  `cost.build_cost_tables` adds to `reserve_bytes` from the candidates it keeps, with
+  rows (`_runtime_memory`) that charge no more than the tables' do."""
+  return cost.runtime_reserve_bytes(layers, config.mesh, executor=executor,
+                                    num_stages=config.num_stages,
+                                    num_microbatches=config.num_microbatches)
+
+
+def _runtime_memory(layers: Sequence[cost.LayerCosts], config: Config, executor: str,
+                    scale: float = 1.0) -> list[np.ndarray]:
+  """Per layer, per candidate, the runtime memory model's bytes
+  (`cost.runtime_layer_memory_bytes`, the same on every stage: what the solver's
+  constraint sums under objective="runtime"), its batch-proportional terms scaled by
+  `scale` (a lower bound when costed at a larger micro-batch)."""
+  produced = {v for l in layers for v in l.output_ids}
+  memo: dict[tuple, np.ndarray] = {}
+  out = []
+  for l in layers:
+    key = (id(l.candidates), tuple(v in produced for v in l.input_ids))
+    got = memo.get(key)
+    if got is None:
+      got = memo[key] = np.asarray(cost.runtime_layer_memory_bytes(
+          l, executor=executor, num_stages=config.num_stages,
+          num_microbatches=config.num_microbatches, produced=produced, batch_scale=scale),
+          dtype=np.float64).reshape(-1)
+    out.append(got)
+  return out
+
+
+def _least_memory(layers: Sequence[cost.LayerCosts], config: Config,
+                  executor: str | None) -> list[np.ndarray]:
+  """Per layer, per candidate, the least bytes the solver's constraint charges it on
+  any stage: the paper's (activations of the fewest micro-batches any stage holds)
+  or, with `executor`, the runtime model's."""
+  if executor is not None:
+    return _runtime_memory(layers, config, executor)
+  c, s = config.num_microbatches, config.num_stages
+  fewest = min(cost.microbatches_in_flight(config.schedule, c, s, i) for i in range(s))
+  out = []
+  for l in layers:
+    state, grad = np.asarray(l.state_bytes), np.asarray(l.grad_bytes)
+    act = np.asarray(l.activation_bytes) * fewest
+    out.append(state + (grad + act if c > 1 else np.maximum(grad, act)))
+  return out
+
+
 def _stage_memory(layers: Sequence[cost.LayerCosts], config: Config,
-                  scale: float) -> list[list[float]]:
+                  scale: float, executor: str | None = None) -> list[list[float]]:
   """[layer][stage] the least bytes each layer needs on each stage, its activations
-  scaled by `scale` (a lower bound when costed at a larger micro-batch)."""
+  scaled by `scale` (a lower bound when costed at a larger micro-batch); with
+  `executor`, in the runtime memory model (the same on every stage)."""
   c, n = config.num_microbatches, config.num_stages
+  if executor is not None:
+    return [[float(row.min()) if row.size else math.inf] * n
+            for row in _runtime_memory(layers, config, executor, scale)]
   in_flight = [cost.microbatches_in_flight(config.schedule, c, n, s) for s in range(n)]
   distinct = sorted(set(in_flight))
   per_signature: dict[int, dict[int, float]] = {}
@@ -166,14 +220,15 @@ def _layer_times(layers: Sequence[cost.LayerCosts], num_microbatches: int,
 def configuration_bound(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster,
                         config: Config, *, global_batch: int,
                         memory_limit_bytes: float | None = None, cutoff: float = math.inf,
-                        cache: dict | None = None) -> float:
+                        cache: dict | None = None, executor: str | None = None) -> float:
   """A lower bound on a configuration's optimum, built no further than needed.
 
   First FLOPs over the stage's devices at the best peak (no costing); if that is
   below `cutoff`, the layers' fastest candidates and least memory at this
   configuration's micro-batch (costed, no edges). math.inf when that shows no
   assignment fits memory. Any method restricted to this configuration, UniAP's MIQP
-  included, has an objective at least this large.
+  included, has an objective at least this large. `executor`: the memory model of
+  the solver's constraint (None: the paper's; see `cost.build_cost_tables`).
   """
   cache = {} if cache is None else cache
   flops = cost.flops_time_bounds(graph, cluster, global_batch=global_batch,
@@ -185,7 +240,8 @@ def configuration_bound(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluste
                                    microbatch=global_batch // config.num_microbatches,
                                    cache=cache)
   limit = cluster.memory_bytes if memory_limit_bytes is None else memory_limit_bytes
-  check = _check_layers(layers, config, limit=limit, scale=1.0, exact=True)
+  check = _check_layers(layers, config, limit=limit, scale=1.0, exact=True,
+                        executor=executor)
   return max(bound, check.bound) if check.feasible else math.inf
 
 
@@ -208,7 +264,7 @@ class _Check:
 
 
 def _check_layers(layers: Sequence[cost.LayerCosts], config: Config, *, limit: float,
-                  scale: float, exact: bool) -> _Check:
+                  scale: float, exact: bool, executor: str | None = None) -> _Check:
   """Bounds a configuration from its layers' costs alone.
 
   exact: the layers were costed at this configuration's own micro-batch, so the
@@ -220,15 +276,19 @@ def _check_layers(layers: Sequence[cost.LayerCosts], config: Config, *, limit: f
   a constant plus a part proportional to the batch, so at b it is at least b / B of
   its value at B; the minima over candidates inherit this (the Pareto set kept at B
   holds every minimiser). `test_search` checks it against costs taken at b.
+  executor: None tests the paper's memory; an executor, the runtime memory model the
+  solver's constraint then sums (`cost.build_cost_tables(executor=...)`).
   """
   if any(not l.candidates for l in layers):
     return _Check(feasible=False)
   c = config.num_microbatches
-  reserve = cost.reserve_bytes(layers) if exact else 0.0
-  memory = _stage_memory(layers, config, scale)
+  stash = stash_bytes(layers, config, executor) if exact else 0.0
+  reserve = cost.reserve_bytes(layers) + stash if exact else 0.0
+  memory = _stage_memory(layers, config, scale, executor)
   if exact:
     over = cost.over_limit(layers, schedule=config.schedule, num_microbatches=c,
-                                  num_stages=config.num_stages, limit_bytes=limit)
+                           num_stages=config.num_stages, limit_bytes=limit,
+                           executor=executor, reserved_bytes=stash)
     if over:
       return _Check(feasible=False, needed_bytes=max(b for _, b in over))
     if reserve >= limit:
@@ -445,7 +505,8 @@ def _rerun_s(cand: strategies.Candidate, per_op: np.ndarray,
 
 def _runtime_layer_bound(layers: Sequence[cost.LayerCosts], config: Config,
                          cluster: cluster_lib.Cluster, cache: dict | None = None, *,
-                         memory_cap: float | None = None) -> float:
+                         memory_cap: float | None = None,
+                         executor: str | None = None) -> float:
   """`runtime_bound` from the layers' own candidates (level 2; also on tables' layers).
 
   Valid for layers costed at this configuration's micro-batch: the tables keep a
@@ -461,23 +522,25 @@ def _runtime_layer_bound(layers: Sequence[cost.LayerCosts], config: Config,
   fewest micro-batches any stage holds) sums to at most S x memory_cap; for every
   lambda >= 0 that is at least (1/S) (sum over layers of min_k (v + lambda m) -
   lambda S memory_cap). The fastest candidates often do not fit (large models),
-  which the plain bound ignores.
+  which the plain bound ignores. `executor`: the memory model the solver's
+  constraint sums (None: the paper's, `_least_memory`).
   """
   cache = {} if cache is None else cache
   if any(not l.candidates for l in layers):
     return math.inf
   c, s, mesh = config.num_microbatches, config.num_stages, config.mesh
   fr, fc, br = _runs(config.executor, s, c)
-  fewest = min(cost.microbatches_in_flight(config.schedule, c, s, i) for i in range(s))
   passes = _split(config.executor, s, c)[0]
   read = {v for l in layers for v in l.input_ids}
-  groups: dict[tuple, list] = {}  # (id(candidates), read) -> [count, v, m, w, opt, solver]
+  least_memory = _least_memory(layers, config, executor)
+  groups: dict[tuple, list] = {}  # (id(candidates), read, id(m)) -> [count, v, m, ...]
   weights, optimizer_s, solver_s = [], 0.0, 0.0
-  for l in layers:
+  for l, m in zip(layers, least_memory):
     # A recomputation runs all of a layer whose output is read, else only what its
     # backward reads (the runtime's terminal positions).
     consumed = any(v in read for v in l.output_ids)
-    got = groups.get((id(l.candidates), consumed))
+    gkey = (id(l.candidates), consumed, m.tobytes())
+    got = groups.get(gkey)
     if got is None:
       fwd, fwd_comm, bwd, once, opt, rerun = _phase_times(
           l.candidates, mesh, cluster, cache, pipelined=not (s == 1 and c == 1))
@@ -487,10 +550,7 @@ def _runtime_layer_bound(layers: Sequence[cost.LayerCosts], config: Config,
       v = w + opt
       if s == 1 and c == 1:
         v = np.maximum(v, solver_t)
-      state, grad = np.asarray(l.state_bytes), np.asarray(l.grad_bytes)
-      act = np.asarray(l.activation_bytes) * fewest
-      m = state + (grad + act if c > 1 else np.maximum(grad, act))
-      got = groups[(id(l.candidates), consumed)] = [
+      got = groups[gkey] = [
           0, v, m, float(np.min(w)), float(np.min(opt)), float(np.min(solver_t))]
     got[0] += 1
     weights.append(got[3])
@@ -546,11 +606,12 @@ def _lagrangian_bound(parts: Sequence[tuple[int, np.ndarray, np.ndarray]],
 def runtime_lower_bound(tables: cost.CostTables) -> float:
   """A cheap bound on `cost.runtime_step_time_s` of any assignment of the tables that
   fits their memory limit, under the executor of their schedule (see the comment
-  above `runtime_bound`)."""
+  above `runtime_bound`), in the tables' memory model (`CostTables.executor`)."""
   config = Config(num_stages=tables.num_stages, mesh=tables.mesh,
                   num_microbatches=tables.num_microbatches, schedule=tables.schedule)
   cap = max(tables.memory_limit_bytes - tables.reserve_bytes, 0.0)
-  return _runtime_position_bound(tables.layers, config, tables.cluster, memory_cap=cap)
+  return _runtime_position_bound(tables.layers, config, tables.cluster, memory_cap=cap,
+                                 executor=tables.executor)
 
 
 # The position bound (level 2 under "runtime", and on built tables). The lockstep
@@ -705,14 +766,17 @@ def _least_counts(kinds: Sequence[int], counts: Sequence[int],
 
 def _runtime_position_bound(layers: Sequence[cost.LayerCosts], config: Config,
                             cluster: cluster_lib.Cluster, cache: dict | None = None, *,
-                            memory_cap: float | None = None) -> float:
+                            memory_cap: float | None = None,
+                            executor: str | None = None) -> float:
   """The position bound (see the comment above `_split`), and never less than
   `_runtime_layer_bound`: a lower bound on `cost.runtime_step_time_s` of any
   assignment of layers costed at this configuration's micro-batch (or of tables built
   from them: their candidates are a subset) that fits `memory_cap` bytes per device
-  (limit less the reserve; None: memory not considered)."""
+  (limit less the reserve; None: memory not considered) in the memory model of the
+  solver's constraint (`executor` None: the paper's; else the runtime model's)."""
   cache = {} if cache is None else cache
-  old = _runtime_layer_bound(layers, config, cluster, cache, memory_cap=memory_cap)
+  old = _runtime_layer_bound(layers, config, cluster, cache, memory_cap=memory_cap,
+                             executor=executor)
   c, s, mesh = config.num_microbatches, config.num_stages, config.mesh
   if math.isinf(old) or not layers or (s == 1 and c == 1):
     return old
@@ -805,10 +869,11 @@ def _runtime_position_bound(layers: Sequence[cost.LayerCosts], config: Config,
   memory = None
   cap = math.inf
   if memory_cap is not None and math.isfinite(memory_cap):
-    memory, cap = _stage_memory(layers, config, 1.0), memory_cap
+    memory, cap = _stage_memory(layers, config, 1.0, executor), memory_cap
   least = _least_counts(kinds, counts, memory, cap, s, cost_of)
   if memory is not None:
-    least = max(least, _position_lagrangian(layers, config, per_layer, counts, memory_cap)
+    least = max(least, _position_lagrangian(layers, config, per_layer, counts, memory_cap,
+                                            executor)
                 + sum(stacks(g, -(-n // s)) for g, n in enumerate(counts)))
   if table and s > 1:  # live positions run the table's forwards too (`_live_bound`)
     least = max(least, _live_bound(kinds, counts, weight, live_weight, s, stacks))
@@ -817,7 +882,8 @@ def _runtime_position_bound(layers: Sequence[cost.LayerCosts], config: Config,
 
 def _position_lagrangian(layers: Sequence[cost.LayerCosts], config: Config,
                          per_layer: Sequence[tuple[int, bool, np.ndarray]],
-                         counts: Sequence[int], memory_cap: float) -> float:
+                         counts: Sequence[int], memory_cap: float,
+                         executor: str | None = None) -> float:
   """The positions' compute and collectives under memory, by Lagrangian relaxation.
 
   The positions of kind g cost at least, on any one stage s, the sum over its layers
@@ -829,17 +895,15 @@ def _position_lagrangian(layers: Sequence[cost.LayerCosts], config: Config,
   necessarily this layer's). The layers' memory sums to at most S x memory_cap, so
   for every lambda >= 0 the cost is at least sum over layers of
   min_K (v_K / min(S, N_g) + lambda m_K) - lambda S memory_cap (`_lagrangian_bound`).
+  m is the least memory the solver's constraint charges (`_least_memory`, in the
+  model `executor` names).
   """
-  c, s = config.num_microbatches, config.num_stages
-  fewest = min(cost.microbatches_in_flight(config.schedule, c, s, i) for i in range(s))
+  s = config.num_stages
   groups: dict[tuple, list] = {}
-  for l, (g, consumed, w) in zip(layers, per_layer):
-    key = (id(l.candidates), consumed, g)
+  for l, (g, consumed, w), m in zip(layers, per_layer, _least_memory(layers, config, executor)):
+    key = (id(l.candidates), consumed, g, m.tobytes())
     got = groups.get(key)
     if got is None:
-      state, grad = np.asarray(l.state_bytes), np.asarray(l.grad_bytes)
-      act = np.asarray(l.activation_bytes) * fewest
-      m = state + (grad + act if c > 1 else np.maximum(grad, act))
       by_key: dict[tuple, tuple[float, float]] = {}
       for k, cand in enumerate(l.candidates):
         kk = (tuple(cand.param_specs), cand.recompute)

@@ -147,9 +147,10 @@ def _predict(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, config: 
     comm += layer_comm
     compute += l.microbatch_time_s[sol.choice[l.name]] - layer_comm
   stage_of = dict(sol.stage)
-  # The paper's memory: each stage's own layers (the solver's constraint), with the
-  # largest transient of its own candidates (the solver kept the largest of any
-  # candidate free, a linear stand-in for a max).
+  # The solver's memory: each stage's own layers as its constraint sums them (the
+  # paper's model, or under objective "runtime" the tables' per-layer runtime model),
+  # with the largest transient of its own candidates (the solver kept the largest of
+  # any candidate free, a linear stand-in for a max).
   memory = cost.linear_memory_bytes(tables, sol.choice, stage_of)
   step_time = sol.objective
   scale = global_batch / graph.batch_size

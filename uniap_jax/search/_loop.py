@@ -27,6 +27,7 @@ from uniap_jax.search._bounds import _runtime_flops_bound
 from uniap_jax.search._bounds import _runtime_position_bound
 from uniap_jax.search._bounds import phase_flops_bounds
 from uniap_jax.search._bounds import runtime_lower_bound
+from uniap_jax.search._bounds import stash_bytes
 from uniap_jax.search._bounds import to_problem
 from uniap_jax.search._build import build_plan
 from uniap_jax.search._build import fingerprint
@@ -94,7 +95,8 @@ def plan(step: Callable[..., Any], *args: Any, cluster: cluster_lib.Cluster,
       UniAP objective (`plan.predicted.step_time_s`) under the paper's memory
       (`plan.predicted.memory_per_device_bytes`) alone: its plan's runtime memory may
       exceed the limit. Within a configuration the solver always minimises the UniAP
-      objective under the paper's memory (see `uniap_jax.search`).
+      objective, under the paper's per-layer memory ("paper") or a per-layer stand-in
+      for the runtime's ("runtime"; see `uniap_jax.search`).
     incumbent: a plan of the same step and cluster (e.g. a baseline's) to start from:
       the search returns it unless it finds a strictly better one (see `plan_graph`).
     progress: called after each configuration with a `Progress`.
@@ -207,9 +209,10 @@ def plan_graph(graph: graph_lib.LayerGraph, cluster: cluster_lib.Cluster, *,
       need, worst = min(loop.over_runtime, key=lambda x: x[0])
       raise InfeasibleError(
           f"No plan fits at runtime: {len(loop.over_runtime)} configuration(s) solved "
-          "within the paper's per-device memory, but the pipeline plan.apply runs holds "
-          "more (parameter stacks, stage buffers, the stashed stage inputs and the "
-          "cotangents of every micro-batch's outputs): the leanest of them, "
+          "within the solver's per-layer memory model, but the pipeline plan.apply runs "
+          "holds more (one program for every stage: parameter stacks and layer "
+          "positions for the busiest and most varied stages, stage buffers): the "
+          "leanest of them, "
           f"{worst.describe()}, needs {plans.format_bytes(need)} per device; the limit is "
           f"{plans.format_bytes(limit)} ({cluster.name!r}). Try more devices, "
           "or memory_limit_bytes= if the limit is wrong; "
@@ -353,13 +356,23 @@ class _Search:
     """
     n = config.num_microbatches if exact else self._reference[config.mesh]
     layers = self._layers(config, n)
+    executor = self._memory_executor(config)
     check = _check_layers(layers, config, limit=self.limit,
-                          scale=n / config.num_microbatches, exact=exact)
+                          scale=n / config.num_microbatches, exact=exact, executor=executor)
     if self.objective == "runtime" and check.feasible:
       check.bound = _runtime_position_bound(
           layers, config, self.cluster, self.cache,
-          memory_cap=max(self.limit - cost.reserve_bytes(layers), 0.0)) if exact else 0.0
+          memory_cap=max(self.limit - cost.reserve_bytes(layers)
+                         - stash_bytes(layers, config, executor), 0.0),
+          executor=executor) if exact else 0.0
     return check
+
+  def _memory_executor(self, config: Config) -> str | None:
+    """The memory model of the solver's constraint for `config`: under "runtime" the
+    runtime model of the executor its plans run with (`cost.build_cost_tables`'s
+    `executor`), under "paper" the paper's (None). Tables, pre-checks and bounds all
+    take it from here, so they agree."""
+    return config.executor if self.objective == "runtime" else None
 
   def _flops_bound(self, config: Config, flops: Sequence[tuple[float, ...]]) -> float:
     if self.objective == "runtime":
@@ -419,7 +432,7 @@ class _Search:
             self.graph, self.cluster, mesh=config.mesh, num_stages=config.num_stages,
             num_microbatches=config.num_microbatches, global_batch=self.global_batch,
             schedule=config.schedule, memory_limit_bytes=self.memory_limit_bytes,
-            cache=self.cache)
+            cache=self.cache, executor=self._memory_executor(config))
       except ValueError as e:
         self.errors.append(f"{config.describe()}: {e}")
         self._report(config, "error", math.inf)
@@ -525,7 +538,9 @@ class _Search:
     is not chosen anyway. A rejected configuration's bound stays as it was (its
     solve is not undone), so the search's bounds and gap stay valid: it simply cannot
     be the incumbent. Another assignment of the same configuration might fit, but the
-    solver does not model the runtime's memory, so the configuration is dropped.
+    solver's constraint sums a per-layer stand-in for the runtime's memory
+    (`cost.runtime_layer_memory_bytes`), not this figure, so the configuration is
+    dropped.
     """
     if self.objective != "runtime":
       return False
