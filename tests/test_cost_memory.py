@@ -24,6 +24,7 @@ from uniap_jax.search import InfeasibleError
 from experiments import models
 
 import test_apply as base
+from test_search_runtime import _random_assignment
 
 CLUSTER = uniap_jax.Cluster.preset("cpu-8")
 MODEL = "gpt2"
@@ -267,15 +268,6 @@ def test_runtime_memory_matches_the_compiled_step(case):
 
 
 # --- the solver's per-layer runtime model ----------------------------------------------
-
-
-def _random_assignment(tables, rng):
-  names = [l.name for l in tables.layers]
-  cuts = sorted(rng.sample(range(1, len(names)), tables.num_stages - 1))
-  bounds = [0, *cuts, len(names)]
-  stage_of = {names[i]: s for s in range(tables.num_stages)
-              for i in range(bounds[s], bounds[s + 1])}
-  return {l.name: rng.randrange(len(l.candidates)) for l in tables.layers}, stage_of
 
 
 @pytest.mark.parametrize("stages,microbatches,schedule", [
